@@ -1,0 +1,41 @@
+# Two commands do all the set-up:  `make demo`  and  `make test`.
+# Each creates/refreshes .venv (CPU torch pinned first, so no CUDA build is pulled) and installs
+# the system packages it needs (ffmpeg for torchcodec, espeak-ng for the generated corpus).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo_output
+
+.PHONY: setup system-packages demo test clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@if ! command -v ffmpeg >/dev/null || ! command -v espeak-ng >/dev/null; then \
+	  echo "installing ffmpeg and espeak-ng (apt)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "error: ffmpeg and espeak-ng are missing and this user cannot apt-get install them" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng >/dev/null; \
+	fi
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+demo: setup
+	$(PY) -m utils.corpus --languages en --output_dir $(DEMO_DIR)/corpus --num_train 2000 --num_eval 200
+	$(PY) run_finetune.py --language en --data_dir $(DEMO_DIR)/corpus/en \
+	  --model_name_or_path configs/tiny-wav2vec2 --output_dir $(DEMO_DIR)/finetune-en \
+	  --num_train_epochs 8 --per_device_train_batch_size 8 --learning_rate 2e-3 --adam_beta2 0.98 \
+	  --warmup_steps 50 --freeze_feature_encoder False --use_cpu --logging_steps 50 --disable_tqdm True
+	@$(PY) -c "import json; r = json.load(open('$(DEMO_DIR)/finetune-en/all_results.json')); \
+	  print(f\"demo: English test CER {r['test_cer']:.3f}, WER {r['test_wer']:.3f} -> $(DEMO_DIR)/finetune-en\")"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

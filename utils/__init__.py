@@ -1,0 +1,1 @@
+"""Shared building blocks of the language-ticket scripts (one concept per module)."""

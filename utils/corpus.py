@@ -1,0 +1,177 @@
+"""A small multilingual speech corpus made offline, so the whole method runs without the Hub.
+
+Sentences of 2-5 words drawn from each language's most frequent words (``wordfreq``), spoken by
+espeak-ng with a random voice variant, speed and pitch per utterance, resampled to 16 kHz, edges
+trimmed, and written in the audiofolder layout users use for their own data::
+
+    <output_dir>/<code>/{train,validation,test}/metadata.csv   (file_name,transcription,voice,speed,pitch)
+    <output_dir>/<code>/{train,validation,test}/<n>.wav
+    <output_dir>/<code>/corpus.json                             (the settings that made it)
+
+Everything is seeded by (seed, language, split): the same call writes the same files. Test
+sentences never repeat a training sentence. Languages with no espeak-ng voice, among them the
+paper's Asturian (ast) and Xhosa (xh), cannot be generated.
+
+    python -m utils.corpus --languages en de fr es pl ca --output_dir data/corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+
+from .data import SAMPLING_RATE, normalize_text
+from .languages import resolve_language
+from .runs import replace_dir_atomic, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+CORPUS_VERSION = 1
+VOICE_VARIANTS = [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)]
+SPEED_RANGE, PITCH_RANGE, WORDS_RANGE = (130, 190), (30, 70), (2, 5)
+SILENCE_THRESHOLD, EDGE_PAD_SECONDS = 0.01, 0.05
+
+
+def word_list(code: str, size: int) -> list[str]:
+    """The ``size`` most frequent words of a language that survive normalisation unchanged and have
+    at least two letters."""
+    import wordfreq
+
+    if code not in wordfreq.available_languages():
+        raise ValueError(f"no wordfreq word list for language {code!r}: expected one of {sorted(wordfreq.available_languages())}")
+    words = []
+    for word in wordfreq.top_n_list(code, size * 5):
+        if len(word) >= 2 and normalize_text(word, code) == word and " " not in word and word not in words:
+            words.append(word)
+        if len(words) == size:
+            return words
+    raise ValueError(f"wordfreq has only {len(words)} usable words for {code!r}, fewer than the {size} asked for")
+
+
+def _sentences(rng: random.Random, words: list[str], count: int, exclude: set[str]) -> list[str]:
+    sentences = []
+    while len(sentences) < count:
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(*WORDS_RANGE)))
+        if sentence not in exclude:
+            sentences.append(sentence)
+    return sentences
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
+    """Speak ``text`` with espeak-ng, resample to 16 kHz, trim silent edges, write 16-bit PCM."""
+    from torchcodec.decoders import AudioDecoder
+
+    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw.name, text],
+            check=True,
+            capture_output=True,
+        )
+        audio = AudioDecoder(raw.name, sample_rate=SAMPLING_RATE).get_all_samples().data[0].numpy()
+    loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD * max(np.abs(audio).max(), 1e-9))
+    pad = int(EDGE_PAD_SECONDS * SAMPLING_RATE)
+    if loud.size:
+        audio = audio[max(0, loud[0] - pad) : loud[-1] + pad]
+    sf.write(path, audio, SAMPLING_RATE, subtype="PCM_16")
+
+
+def _generate_language(code: str, split_sizes: dict[str, int], vocab_size: int, seed: int, workers: int, target: Path, settings: dict) -> None:
+    language = resolve_language(code)
+    if language.espeak_voice is None:
+        raise ValueError(
+            f"no espeak-ng voice for {language.name} ({code}): the generated corpus cannot include it; "
+            "use FLEURS or your own recordings (--data_dir) for this language"
+        )
+    if shutil.which("espeak-ng") is None:
+        raise FileNotFoundError("espeak-ng is not installed: run `make setup` (apt-get install espeak-ng)")
+    words = word_list(code, vocab_size)
+    tmp = Path(f"{target}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    seen: set[str] = set()
+    jobs = []
+    for split, size in split_sizes.items():
+        rng = random.Random(f"{seed}-{code}-{split}")
+        # Validation and test sentences never repeat a training sentence.
+        sentences = _sentences(rng, words, size, exclude=seen if split != "train" else set())
+        if split == "train":
+            seen.update(sentences)
+        rows = []
+        for i, sentence in enumerate(sentences):
+            variant = rng.choice(VOICE_VARIANTS)
+            speed, pitch = rng.randint(*SPEED_RANGE), rng.randint(*PITCH_RANGE)
+            rows.append({"file_name": f"{i:06d}.wav", "transcription": sentence, "voice": f"{language.espeak_voice}+{variant}", "speed": speed, "pitch": pitch})
+        (tmp / split).mkdir(parents=True)
+        with open(tmp / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        jobs += [(row, tmp / split / row["file_name"]) for row in rows]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda job: synthesize(job[0]["transcription"], job[0]["voice"], job[0]["speed"], job[0]["pitch"], job[1]), jobs))
+    write_json_atomic(tmp / "corpus.json", settings)
+    replace_dir_atomic(tmp, target)
+
+
+def generate_corpus(
+    output_dir: str,
+    languages: list[str],
+    num_train: int = 2000,
+    num_eval: int = 200,
+    vocab_size: int = 200,
+    seed: int = 0,
+    workers: Optional[int] = None,
+) -> dict[str, Path]:
+    """Generate (or reuse) one folder per language; returns code -> folder. A folder made with other
+    settings is refused rather than overwritten."""
+    split_sizes = {"train": num_train, "validation": num_eval, "test": num_eval}
+    workers = workers or os.cpu_count() or 1
+    out = {}
+    for code in languages:
+        code = resolve_language(code).code
+        settings = {"version": CORPUS_VERSION, "language": code, "splits": split_sizes, "vocab_size": vocab_size, "seed": seed}
+        target = Path(output_dir) / code
+        if target.exists():
+            if not (target / "corpus.json").is_file():
+                raise FileExistsError(f"{target} exists but is not a generated corpus (no corpus.json): choose another output directory")
+            existing = json.loads((target / "corpus.json").read_text(encoding="utf-8"))
+            if existing != settings:
+                raise FileExistsError(
+                    f"{target} holds a corpus made with other settings ({existing}): expected {settings}; "
+                    "choose another output directory"
+                )
+        else:
+            logger.info("synthesising %s corpus (%s) in %s", code, split_sizes, target)
+            _generate_language(code, split_sizes, vocab_size, seed, workers, target, settings)
+        out[code] = target
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate the offline multilingual espeak-ng corpus.")
+    parser.add_argument("--languages", nargs="+", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_train", type=int, default=2000)
+    parser.add_argument("--num_eval", type=int, default=200, help="validation and test size each")
+    parser.add_argument("--vocab_size", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for code, path in generate_corpus(args.output_dir, args.languages, args.num_train, args.num_eval, args.vocab_size, args.seed).items():
+        print(f"{code}: {path}")
+
+
+if __name__ == "__main__":
+    main()

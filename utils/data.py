@@ -1,0 +1,361 @@
+"""Speech data for CTC: where a language's splits come from, text normalisation, the character
+vocabulary built from the training split only, feature extraction with counted skips, and the
+padding collator.
+
+Every source ends as a ``DatasetDict`` with splits ``train``/``validation``/``test`` and two columns:
+``audio`` (an ``Audio(sampling_rate=16000, decode=False)`` feature, decoded row by row in
+``prepare_features`` so that one unreadable file is a counted skip rather than a crash) and ``text``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tarfile
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from datasets import Audio, Dataset, DatasetDict, load_dataset
+from huggingface_hub import hf_hub_download
+from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+from .languages import Language
+from .runs import replace_dir_atomic
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16_000
+FLEURS_REPO = "google/fleurs"
+GENERATED = "generated"
+SPLITS = ("train", "validation", "test")
+WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
+
+
+@dataclass
+class DataArguments:
+    """Where a language's speech comes from and how it is filtered."""
+
+    language: str = field(metadata={"help": "Language code, e.g. en, ca, ast (see utils/languages.py)."})
+    dataset_name: str = field(
+        default=FLEURS_REPO,
+        metadata={
+            "help": "Hub dataset id (google/fleurs is read from its raw files; any Parquet/audiofolder "
+            "dataset works), or 'generated' for the offline espeak-ng corpus. Ignored with --data_dir."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Dataset config; defaults to the language's FLEURS config for FLEURS."}
+    )
+    dataset_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the dataset."})
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local folder with train/ validation/ test/, each holding metadata.csv (file_name,transcription)."},
+    )
+    train_split_name: str = field(default="train", metadata={"help": "Training split of the source."})
+    eval_split_name: Optional[str] = field(
+        default=None, metadata={"help": "Validation split of the source (default: 'dev' for FLEURS, else 'validation')."}
+    )
+    test_split_name: str = field(default="test", metadata={"help": "Test split of the source."})
+    audio_column_name: str = field(default="audio", metadata={"help": "Audio column of a Hub dataset."})
+    text_column_name: str = field(
+        default="transcription",
+        metadata={"help": "Transcript column (FLEURS/local/generated: transcription; Common Voice: sentence)."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation split."})
+    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test split."})
+    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop shorter clips."})
+    max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Drop longer clips."})
+    chars_to_ignore: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra characters deleted from transcripts before normalisation."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for datasets.map."})
+    generated_corpus_dir: str = field(
+        default=os.path.join("~", ".cache", "language-tickets", "generated-corpus"),
+        metadata={"help": "Where --dataset_name generated writes (and reuses) its corpus."},
+    )
+    generated_num_train: int = field(default=2000, metadata={"help": "Generated training utterances per language."})
+    generated_num_eval: int = field(default=200, metadata={"help": "Generated validation/test utterances per language."})
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'", "\u2018": "'", "`": "'"})
+
+
+def normalize_text(text: str, language: str = "", chars_to_ignore: Optional[list[str]] = None) -> str:
+    """Lower-case, drop punctuation and symbols, keep letters (with diacritics), marks and digits.
+
+    An apostrophe survives only between two letters (``don't``, ``l'home``); every other
+    punctuation or symbol character becomes a word break. Turkish/Azerbaijani dotted and dotless
+    I are lower-cased by their own rule.
+    """
+    text = unicodedata.normalize("NFC", text or "")
+    for char in chars_to_ignore or ():
+        text = text.replace(char, "")
+    if language in ("tr", "az"):
+        text = text.replace("I", "ı").replace("İ", "i")
+    text = text.lower().translate(_APOSTROPHES)
+    out = []
+    for i, char in enumerate(text):
+        if char == "'":
+            between_letters = 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
+            out.append("'" if between_letters else " ")
+        elif unicodedata.category(char)[0] in "LMN":
+            out.append(char)
+        else:
+            out.append(" ")
+    return " ".join("".join(out).split())
+
+
+def build_vocab(texts: list[str]) -> dict[str, int]:
+    """Character vocabulary of normalised training transcripts: letters sorted, then ``|`` for the
+    space, ``[UNK]`` and ``[PAD]`` (the CTC blank)."""
+    chars = sorted(set("".join(texts)) - {" "})
+    if not chars:
+        raise ValueError("the training split has no characters left after normalisation: expected transcripts")
+    vocab = {char: i for i, char in enumerate(chars)}
+    for token in (WORD_DELIMITER, UNK, PAD):
+        vocab[token] = len(vocab)
+    return vocab
+
+
+def unseen_chars(texts: list[str], vocab: dict[str, int]) -> Counter:
+    """Characters of ``texts`` missing from ``vocab``; the tokenizer maps them to ``[UNK]``."""
+    return Counter(char for text in texts for char in text if char != " " and char not in vocab)
+
+
+def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExtractor, save_dir: str) -> Wav2Vec2Processor:
+    """A processor whose tokenizer holds ``vocab``; written to ``save_dir`` (vocab.json included)."""
+    os.makedirs(save_dir, exist_ok=True)
+    vocab_path = os.path.join(save_dir, "vocab.json")
+    with open(vocab_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, indent=1)
+    os.replace(vocab_path + ".tmp", vocab_path)
+    tokenizer = Wav2Vec2CTCTokenizer(vocab_path, unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER)
+    processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    processor.save_pretrained(save_dir)
+    return processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_raw_splits(args: DataArguments, language: Language) -> DatasetDict:
+    """The three splits of ``language`` from the source ``args`` names, as ``audio`` + ``text``."""
+    if args.data_dir:
+        splits = load_local_splits(args.data_dir)
+    elif args.dataset_name == GENERATED:
+        from .corpus import generate_corpus
+
+        corpus_dir = os.path.expanduser(args.generated_corpus_dir)
+        generate_corpus(corpus_dir, [language.code], args.generated_num_train, args.generated_num_eval)
+        splits = load_local_splits(os.path.join(corpus_dir, language.code))
+    elif args.dataset_name == FLEURS_REPO:
+        config = args.dataset_config_name or language.fleurs
+        names = {"train": args.train_split_name, "validation": args.eval_split_name or "dev", "test": args.test_split_name}
+        splits = DatasetDict(
+            {split: load_fleurs_split(config, name, args.dataset_revision) for split, name in names.items()}
+        )
+    else:
+        splits = load_hub_splits(args, language)
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
+    for split, limit in limits.items():
+        if limit is not None:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    return splits
+
+
+def _audio_text_dataset(paths: list[str], texts: list[str]) -> Dataset:
+    dataset = Dataset.from_dict({"audio": paths, "text": texts})
+    return dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
+
+
+def load_local_splits(data_dir: str) -> DatasetDict:
+    """An audiofolder-layout directory: ``<split>/metadata.csv`` with ``file_name`` and
+    ``transcription`` columns, audio paths relative to the split folder. Rows whose audio file is
+    missing are skipped and counted."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
+    splits = {}
+    for split in SPLITS:
+        metadata = root / split / "metadata.csv"
+        if not metadata.is_file():
+            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(SPLITS)}/ each with metadata.csv")
+        with open(metadata, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing_columns = {"file_name", "transcription"} - set(reader.fieldnames or ())
+            if missing_columns:
+                raise ValueError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
+            rows = list(reader)
+        paths, texts, missing = [], [], []
+        for row in rows:
+            path = root / split / row["file_name"]
+            if path.is_file():
+                paths.append(str(path))
+                texts.append(row["transcription"] or "")
+            else:
+                missing.append(row["file_name"])
+        if missing:
+            logger.warning("%s: skipped %d of %d rows whose audio file is missing (e.g. %s)", metadata, len(missing), len(rows), missing[0])
+        splits[split] = _audio_text_dataset(paths, texts)
+    return DatasetDict(splits)
+
+
+def load_fleurs_split(config: str, split: str, revision: Optional[str] = None) -> Dataset:
+    """One FLEURS split read from the raw files of the ``google/fleurs`` Hub repo (datasets 4+ no
+    longer runs its loading script): ``data/<config>/<split>.tsv`` and
+    ``data/<config>/audio/<split>.tar.gz``, fetched and cached by ``hf_hub_download``, the archive
+    extracted once next to the dataset cache.
+
+    TSV columns (no header): id, file name, raw transcription, normalised transcription,
+    phonemes, number of samples, gender.
+    """
+    try:
+        tsv = hf_hub_download(FLEURS_REPO, f"data/{config}/{split}.tsv", repo_type="dataset", revision=revision)
+        archive = hf_hub_download(FLEURS_REPO, f"data/{config}/audio/{split}.tar.gz", repo_type="dataset", revision=revision)
+    except Exception as err:  # huggingface_hub raises several types; all mean "not there"
+        raise FileNotFoundError(
+            f"cannot fetch FLEURS config {config!r} split {split!r} from {FLEURS_REPO}: {type(err).__name__}: {err}"
+        ) from err
+    audio_dir = _extract_once(archive)
+    by_name = {p.name: p for p in audio_dir.rglob("*.wav")}
+    paths, texts, missing = [], [], 0
+    with open(tsv, encoding="utf-8") as f:
+        for line in f:
+            columns = line.rstrip("\n").split("\t")
+            if len(columns) < 4:
+                continue
+            path = by_name.get(columns[1])
+            if path is None:
+                missing += 1
+                continue
+            paths.append(str(path))
+            texts.append(columns[3])
+    if missing:
+        logger.warning("FLEURS %s/%s: skipped %d rows whose audio is not in the archive", config, split, missing)
+    return _audio_text_dataset(paths, texts)
+
+
+def _extract_once(archive: str) -> Path:
+    """Extract ``archive`` beside the resolved cache blob, atomically, and reuse it afterwards."""
+    target = Path(os.path.realpath(archive) + ".extracted")
+    if not target.is_dir():
+        tmp = Path(f"{target}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        replace_dir_atomic(tmp, target)
+    return target
+
+
+def load_hub_splits(args: DataArguments, language: Language) -> DatasetDict:
+    """Any Hub dataset that ``load_dataset`` reads (Parquet, audiofolder, Common Voice...)."""
+    names = {
+        "train": args.train_split_name,
+        "validation": args.eval_split_name or "validation",
+        "test": args.test_split_name,
+    }
+    splits = {}
+    for split, name in names.items():
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=name, revision=args.dataset_revision)
+        for column in (args.audio_column_name, args.text_column_name):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{args.dataset_name} split {name!r} has no column {column!r}: columns are {dataset.column_names} "
+                    "(set --audio_column_name / --text_column_name)"
+                )
+        dataset = dataset.select_columns([args.audio_column_name, args.text_column_name])
+        dataset = dataset.rename_columns({args.audio_column_name: "audio", args.text_column_name: "text"})
+        splits[split] = dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
+    return DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def normalize_splits(splits: DatasetDict, language: Language, chars_to_ignore: Optional[list[str]] = None) -> DatasetDict:
+    """Normalise every transcript and drop (counting) the ones left empty."""
+    splits = splits.map(lambda row: {"text": normalize_text(row["text"], language.code, chars_to_ignore)})
+    for name in list(splits):
+        before = len(splits[name])
+        splits[name] = splits[name].filter(lambda row: len(row["text"]) > 0)
+        if len(splits[name]) < before:
+            logger.warning("%s: skipped %d of %d rows with an empty transcript", name, before - len(splits[name]), before)
+        if len(splits[name]) == 0:
+            raise ValueError(f"split {name!r} has no usable rows: expected non-empty transcripts with readable audio")
+    return splits
+
+
+def prepare_features(
+    splits: DatasetDict,
+    processor: Wav2Vec2Processor,
+    frames_for_samples,
+    min_samples: int,
+    max_samples: int,
+    num_proc: Optional[int] = None,
+) -> DatasetDict:
+    """Decode audio (16 kHz), extract ``input_values``, tokenise ``labels`` and filter, logging a
+    count per reason: unreadable audio, too short (under the receptive field ``min_samples`` or
+    ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align)."""
+    decoder = Audio(sampling_rate=SAMPLING_RATE)
+
+    def featurize(row):
+        try:
+            array = decoder.decode_example(row["audio"])["array"]
+        except Exception:  # any decoder failure means the same thing: this file cannot be used
+            return {"input_values": [], "labels": [], "input_length": 0, "skip": "unreadable audio"}
+        input_values = processor.feature_extractor(array, sampling_rate=SAMPLING_RATE).input_values[0]
+        labels = processor.tokenizer(row["text"]).input_ids
+        n = len(array)
+        skip = ""
+        if n < min_samples:
+            skip = f"shorter than {min_samples} samples"
+        elif n > max_samples:
+            skip = f"longer than {max_samples} samples"
+        elif frames_for_samples(n) < len(labels):
+            skip = "fewer output frames than label tokens"
+        return {"input_values": input_values, "labels": labels, "input_length": n, "skip": skip}
+
+    prepared = {}
+    for name, dataset in splits.items():
+        dataset = dataset.map(featurize, remove_columns=["audio"], num_proc=num_proc, desc=f"features ({name})")
+        reasons = Counter(r for r in dataset["skip"] if r)
+        if reasons:
+            detail = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+            logger.warning("%s: skipped %d of %d rows (%s)", name, sum(reasons.values()), len(dataset), detail)
+        dataset = dataset.filter(lambda row: not row["skip"]).remove_columns("skip")
+        if len(dataset) == 0:
+            raise ValueError(f"split {name!r} has no usable rows after filtering: see the skip counts above")
+        prepared[name] = dataset
+    return DatasetDict(prepared)
+
+
+@dataclass
+class DataCollatorCTCWithPadding:
+    """Pads ``input_values`` with the feature extractor and ``labels`` with -100 (ignored by CTC)."""
+
+    processor: Wav2Vec2Processor
+    padding: Union[bool, str] = True
+    pad_to_multiple_of: Optional[int] = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        inputs = [{"input_values": f["input_values"]} for f in features]
+        labels = [{"input_ids": f["labels"]} for f in features]
+        batch = self.processor.feature_extractor.pad(
+            inputs, padding=self.padding, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
+        )
+        labels_batch = self.processor.tokenizer.pad(labels, padding=self.padding, return_tensors="pt")
+        batch["labels"] = labels_batch["input_ids"].masked_fill(labels_batch["attention_mask"].ne(1), -100)
+        return batch

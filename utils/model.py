@@ -1,0 +1,89 @@
+"""The CTC model: loading a wav2vec2-family checkpoint (or a bare config) with a head sized to a
+vocabulary, and the conv front-end arithmetic (receptive field, output frames) data filtering needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel, Wav2Vec2Processor
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and the config values to override (None keeps the checkpoint's)."""
+
+    model_name_or_path: str = field(
+        default="facebook/wav2vec2-xls-r-300m",
+        metadata={"help": "Hub id or local dir. A local dir with only config.json (+ preprocessor_config.json) starts from random weights."},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the conv feature encoder frozen."})
+    attention_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.attention_dropout."})
+    activation_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.activation_dropout."})
+    hidden_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.hidden_dropout."})
+    feat_proj_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.feat_proj_dropout."})
+    final_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.final_dropout."})
+    mask_time_prob: Optional[float] = field(default=None, metadata={"help": "Override config.mask_time_prob (SpecAugment)."})
+    layerdrop: Optional[float] = field(default=None, metadata={"help": "Override config.layerdrop."})
+    ctc_loss_reduction: str = field(default="mean", metadata={"help": "CTC loss reduction: mean or sum."})
+    ctc_zero_infinity: bool = field(default=True, metadata={"help": "Zero infinite CTC losses (unalignable rows)."})
+
+
+def has_local_config_only(path: str) -> bool:
+    """A local directory with a config but no weights: the caller asked for a random initialisation."""
+    return os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES)
+
+
+def load_feature_extractor(args: ModelArguments):
+    return AutoFeatureExtractor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+
+
+def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor) -> PreTrainedModel:
+    """``AutoModelForCTC`` with its head sized to ``processor``'s vocabulary (a new head when the
+    checkpoint's differs or has none) and the overrides of ``args`` applied to the config."""
+    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("attention_dropout", "activation_dropout", "hidden_dropout", "feat_proj_dropout", "final_dropout", "mask_time_prob", "layerdrop")
+        if getattr(args, name) is not None
+    }
+    overrides |= {
+        "ctc_loss_reduction": args.ctc_loss_reduction,
+        "ctc_zero_infinity": args.ctc_zero_infinity,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+        "vocab_size": len(processor.tokenizer),
+    }
+    config.update(overrides)
+    if has_local_config_only(args.model_name_or_path):
+        logger.warning("%s holds no weights: initialising the model randomly from its config", args.model_name_or_path)
+        model = AutoModelForCTC.from_config(config)
+    else:
+        model = AutoModelForCTC.from_pretrained(
+            args.model_name_or_path, config=config, revision=args.model_revision, ignore_mismatched_sizes=True
+        )
+    if args.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    return model
+
+
+def receptive_field(config: PretrainedConfig) -> int:
+    """Samples one output frame sees: the shortest clip that yields a frame (400 for XLS-R)."""
+    field_, jump = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        field_ += (kernel - 1) * jump
+        jump *= stride
+    return field_
+
+
+def frames_for_samples(config: PretrainedConfig, num_samples: int) -> int:
+    """Output frames of the conv feature encoder for a clip of ``num_samples`` (no padding)."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        num_samples = max(0, (num_samples - kernel) // stride + 1)
+    return num_samples
