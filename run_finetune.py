@@ -20,7 +20,6 @@ from transformers import HfArgumentParser, set_seed
 
 from utils.data import DataArguments, DataCollatorCTCWithPadding, SAMPLING_RATE, build_processor, build_vocab, load_raw_splits, normalize_splits, prepare_features, unseen_chars
 from utils.languages import resolve_language
-from utils.metrics import make_compute_metrics
 from utils.model import ModelArguments, frames_for_samples, load_ctc_model, load_feature_extractor, receptive_field
 from utils.runs import claim_output_dir, run_cli
 from utils.training import CTCTrainer, CTCTrainingArguments
@@ -84,7 +83,7 @@ def main():
             num_proc=data_args.preprocessing_num_workers,
         )
 
-    # 8. Trainer: padding collator, CER/WER on greedy transcripts.
+    # 8. Trainer: padding collator; CER/WER of greedy transcripts against each split's own text.
     trainer = CTCTrainer(
         model=model,
         args=training_args,
@@ -92,7 +91,6 @@ def main():
         train_dataset=vectorized["train"],
         eval_dataset=vectorized["validation"],
         processing_class=processor,
-        compute_metrics=make_compute_metrics(processor),
     )
 
     # 9. Train (resuming if a checkpoint of this run exists), then save the kept model and processor.

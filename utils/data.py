@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
-from datasets import Audio, Dataset, DatasetDict, load_dataset
+from datasets import Audio, Dataset, DatasetDict, Features, List, Value, load_dataset
 from huggingface_hub import hf_hub_download
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
@@ -315,8 +316,8 @@ def prepare_features(
         try:
             array = decoder.decode_example(row["audio"])["array"]
         except Exception:  # any decoder failure means the same thing: this file cannot be used
-            return {"input_values": [], "labels": [], "input_length": 0, "skip": "unreadable audio"}
-        input_values = processor.feature_extractor(array, sampling_rate=SAMPLING_RATE).input_values[0]
+            return {"input_values": np.zeros(0, np.float32), "labels": [], "input_length": 0, "skip": "unreadable audio"}
+        input_values = np.asarray(processor.feature_extractor(array, sampling_rate=SAMPLING_RATE).input_values[0], np.float32)
         labels = processor.tokenizer(row["text"]).input_ids
         n = len(array)
         skip = ""
@@ -328,9 +329,18 @@ def prepare_features(
             skip = "fewer output frames than label tokens"
         return {"input_values": input_values, "labels": labels, "input_length": n, "skip": skip}
 
+    features = Features(
+        {
+            "text": Value("string"),
+            "input_values": List(Value("float32")),
+            "labels": List(Value("int32")),
+            "input_length": Value("int64"),
+            "skip": Value("string"),
+        }
+    )
     prepared = {}
     for name, dataset in splits.items():
-        dataset = dataset.map(featurize, remove_columns=["audio"], num_proc=num_proc, desc=f"features ({name})")
+        dataset = dataset.map(featurize, remove_columns=["audio"], features=features, num_proc=num_proc, desc=f"features ({name})")
         reasons = Counter(r for r in dataset["skip"] if r)
         if reasons:
             detail = ", ".join(f"{count} {reason}" for reason, count in reasons.items())

@@ -3,11 +3,9 @@ wrap; ``evaluate.load`` would fetch their scripts from the Hub, which offline ru
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jiwer
 import numpy as np
-from transformers import EvalPrediction, Wav2Vec2Processor
+from transformers import Wav2Vec2Processor
 
 
 def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float]:
@@ -15,19 +13,7 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict[str, float
     return {"cer": jiwer.cer(references, hypotheses), "wer": jiwer.wer(references, hypotheses)}
 
 
-def decode_predictions(pred: EvalPrediction, processor: Wav2Vec2Processor) -> tuple[list[str], list[str]]:
-    """(references, hypotheses) from predicted ids and labels, both padded with -100."""
+def greedy_transcripts(pred_ids: np.ndarray, processor: Wav2Vec2Processor) -> list[str]:
+    """Decode argmax CTC ids (padded with -100 across batches): merge repeats, drop blanks."""
     pad = processor.tokenizer.pad_token_id
-    pred_ids = np.where(pred.predictions == -100, pad, pred.predictions)
-    label_ids = np.where(pred.label_ids == -100, pad, pred.label_ids)
-    hypotheses = processor.batch_decode(pred_ids)
-    # Labels are not CTC output: repeated letters are real ("hello"), so do not merge them.
-    references = processor.batch_decode(label_ids, group_tokens=False)
-    return references, hypotheses
-
-
-def make_compute_metrics(processor: Wav2Vec2Processor) -> Callable[[EvalPrediction], dict[str, float]]:
-    def compute_metrics(pred: EvalPrediction) -> dict[str, float]:
-        return error_rates(*decode_predictions(pred, processor))
-
-    return compute_metrics
+    return processor.batch_decode(np.where(pred_ids == -100, pad, pred_ids))

@@ -1,0 +1,195 @@
+import csv
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoConfig, Wav2Vec2FeatureExtractor
+
+from tests.conftest import TINY_CONFIG
+from tests.hub_cache import add_offline_repo
+from utils.data import (
+    DataCollatorCTCWithPadding,
+    build_processor,
+    build_vocab,
+    load_fleurs_split,
+    load_local_splits,
+    normalize_splits,
+    normalize_text,
+    prepare_features,
+    unseen_chars,
+)
+from utils.languages import resolve_language
+from utils.model import frames_for_samples, receptive_field
+
+
+@pytest.mark.parametrize(
+    "language, raw, expected",
+    [
+        ("en", "Hello, World!  It's 3 o'clock.", "hello world it's 3 o'clock"),
+        ("en", "'quoted' -- dash-word", "quoted dash word"),
+        ("fr", "L’homme, à l'école : «Très bien» !", "l'homme à l'école très bien"),
+        ("de", "Straße? ÄPFEL & Öl.", "straße äpfel öl"),
+        ("ca", "Col·lecció d’Àngels", "col lecció d'àngels"),
+        ("pl", "Zażółć gęślą jaźń.", "zażółć gęślą jaźń"),
+        ("tr", "IŞIK İzmir", "ışık izmir"),
+        ("es", "¿Qué tal? ¡Bien!", "qué tal bien"),
+        ("en", "   ", ""),
+    ],
+)
+def test_normalize_text_hand_cases(language, raw, expected):
+    assert normalize_text(raw, language) == expected
+
+
+def test_normalize_text_composes_diacritics_and_ignores_chars():
+    decomposed = "cafe\u0301"  # e + combining acute
+    assert normalize_text(decomposed, "fr") == "café"
+    assert normalize_text("a#b c", "en", chars_to_ignore=["#"]) == "ab c"
+
+
+def test_vocab_from_training_text_only():
+    vocab = build_vocab(["ab a", "ba c"])
+    assert vocab == {"a": 0, "b": 1, "c": 2, "|": 3, "[UNK]": 4, "[PAD]": 5}
+    assert unseen_chars(["abd xd", "é"], vocab) == {"d": 2, "x": 1, "é": 1}
+    with pytest.raises(ValueError, match="no characters"):
+        build_vocab(["", " "])
+
+
+def _processor(tmp_path, texts):
+    fe = Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG)
+    return build_processor(build_vocab(texts), fe, str(tmp_path / "proc"))
+
+
+def test_processor_round_trip_and_unknown_chars(tmp_path):
+    processor = _processor(tmp_path, ["hello world"])
+    ids = processor.tokenizer("hello xyz").input_ids
+    assert ids.count(processor.tokenizer.unk_token_id) == 3
+    assert processor.decode(processor.tokenizer("hello world").input_ids, group_tokens=False) == "hello world"
+    assert (tmp_path / "proc" / "vocab.json").is_file()
+
+
+def test_collator_pads_inputs_and_labels(tmp_path):
+    processor = _processor(tmp_path, ["abc"])
+    collator = DataCollatorCTCWithPadding(processor)
+    features = [
+        {"input_values": [0.1] * 500, "labels": [0, 1, 2]},
+        {"input_values": [0.2] * 320, "labels": [2]},
+    ]
+    batch = collator(features)
+    assert batch["input_values"].shape == (2, 500)
+    assert batch["attention_mask"].tolist()[1] == [1] * 320 + [0] * 180
+    assert torch.all(batch["input_values"][1, 320:] == 0)
+    assert batch["labels"].tolist() == [[0, 1, 2], [2, -100, -100]]
+
+
+def _write_split(root: Path, split: str, rows):
+    (root / split).mkdir(parents=True, exist_ok=True)
+    with open(root / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "transcription"])
+        writer.writerows(rows)
+
+
+def _tone(path: Path, seconds: float, sr: int = 22050):
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 220 * t), sr)
+
+
+def test_local_folder_counts_every_kind_of_bad_row(tmp_path, caplog):
+    root = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        (root / split).mkdir(parents=True)
+        _tone(root / split / "good.wav", 1.0)
+        _tone(root / split / "tiny.wav", 0.01)  # 160 samples at 16 kHz: under the 400-sample receptive field
+        (root / split / "broken.wav").write_bytes(b"not audio at all")
+        _write_split(
+            root,
+            split,
+            [("good.wav", "Good clip!"), ("missing.wav", "gone"), ("tiny.wav", "tiny"), ("broken.wav", "broken"), ("good.wav", "?!")],
+        )
+    with caplog.at_level(logging.WARNING):
+        raw = load_local_splits(str(root))
+        assert len(raw["train"]) == 4  # the missing file is skipped
+        raw = normalize_splits(raw, resolve_language("en"))
+        assert len(raw["train"]) == 3  # "?!" normalises to empty
+        processor = _processor(tmp_path, raw["train"]["text"])
+        config = AutoConfig.from_pretrained(TINY_CONFIG)
+        prepared = prepare_features(raw, processor, lambda n: frames_for_samples(config, n), receptive_field(config), 16000 * 20)
+    assert len(prepared["train"]) == 1
+    assert prepared["train"][0]["input_length"] == 16000  # resampled from 22.05 kHz
+    assert processor.decode(prepared["train"][0]["labels"], group_tokens=False) == "good clip"
+    log = caplog.text
+    assert "skipped 1 of 5 rows whose audio file is missing" in log
+    assert "skipped 1 of 4 rows with an empty transcript" in log
+    assert "1 unreadable audio" in log and "1 shorter than 400 samples" in log
+
+
+def test_local_folder_missing_split_is_a_clear_error(tmp_path):
+    _write_split(tmp_path, "train", [])
+    with pytest.raises(FileNotFoundError, match=r"validation/metadata.csv"):
+        load_local_splits(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_local_splits(str(tmp_path / "nope"))
+
+
+def test_frames_match_the_model(tmp_path):
+    from transformers import Wav2Vec2ForCTC
+
+    for config in (AutoConfig.from_pretrained(TINY_CONFIG), AutoConfig.for_model("wav2vec2")):
+        model = Wav2Vec2ForCTC(config) if config.hidden_size < 512 else None
+        expected = [int(Wav2Vec2ForCTC._get_feat_extract_output_lengths(model or _Shim(config), n)) for n in (400, 401, 719, 720, 16000, 33333)]
+        assert [frames_for_samples(config, n) for n in (400, 401, 719, 720, 16000, 33333)] == expected
+        assert frames_for_samples(config, receptive_field(config)) == 1
+        assert frames_for_samples(config, receptive_field(config) - 1) == 0
+    assert receptive_field(AutoConfig.for_model("wav2vec2")) == 400
+
+
+class _Shim:
+    """Just enough of a model for ``_get_feat_extract_output_lengths`` without building it."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def _tar_gz(files: dict[str, Path]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for arcname, path in files.items():
+            tar.add(path, arcname=arcname)
+    return buf.getvalue()
+
+
+def make_fleurs_repo(hub_cache: Path, corpus: Path, language: str = "ca", config: str = "ca_es") -> None:
+    """A tiny google/fleurs-shaped repo in an offline Hub cache, made from the generated corpus."""
+    files = {}
+    for split, fleurs_split in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        with open(corpus / language / split / "metadata.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        lines, audio = [], {}
+        for i, row in enumerate(rows):
+            name = f"{1000 + i}.wav"
+            raw = row["transcription"].capitalize() + "."
+            lines.append("\t".join([str(i), name, raw, row["transcription"], "x", "16000", "FEMALE"]))
+            audio[f"{fleurs_split}/{name}"] = corpus / language / split / row["file_name"]
+        files[f"data/{config}/{fleurs_split}.tsv"] = ("\n".join(lines) + "\n").encode()
+        files[f"data/{config}/audio/{fleurs_split}.tar.gz"] = _tar_gz(audio)
+    add_offline_repo(hub_cache, "google/fleurs", "dataset", files)
+
+
+def test_fleurs_loader_reads_offline_hub_cache(tmp_path, corpus_dir, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    make_fleurs_repo(tmp_path / "hub", corpus_dir)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    dev = load_fleurs_split("ca_es", "dev")
+    with open(corpus_dir / "ca" / "validation" / "metadata.csv", encoding="utf-8") as f:
+        expected = [row["transcription"] for row in csv.DictReader(f)]
+    assert dev["text"] == expected
+    assert Path(dev[0]["audio"]["path"]).name == "1000.wav"
+    with pytest.raises(FileNotFoundError, match="cannot fetch FLEURS config 'xh_za'"):
+        load_fleurs_split("xh_za", "train")

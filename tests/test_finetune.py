@@ -1,0 +1,114 @@
+"""run_finetune.py end to end, in fresh processes, on the generated corpus and an offline FLEURS."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY_CONFIG
+from tests.test_data import make_fleurs_repo
+
+FAST = ["--model_name_or_path", str(TINY_CONFIG), "--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
+        "--adam_beta2", "0.98", "--warmup_steps", "20", "--freeze_feature_encoder", "False", "--disable_tqdm", "True", "--seed", "1"]
+
+
+def run_script(args, env, script="run_finetune.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finetuned(corpus_dir, tmp_path_factory):
+    import os
+
+    out = tmp_path_factory.mktemp("ft") / "en"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out),
+                         "--num_train_epochs", "6", "--logging_steps", "10", *FAST], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_training_loss_falls_and_results_are_written(finetuned):
+    results = json.loads((finetuned / "all_results.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_cer", "eval_wer", "test_cer", "test_wer", "test_loss"):
+        assert key in results
+    assert results["test_samples"] == 24
+    state = json.loads((finetuned / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    # The kept model is the checkpoint with the lowest eval loss.
+    eval_losses = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert state["best_metric"] == pytest.approx(min(eval_losses))
+
+
+FRESH_PROCESS_CER = r"""
+import csv, json, sys
+import jiwer, soundfile as sf, torch
+from transformers import AutoModelForCTC, AutoProcessor
+out, split_dir = sys.argv[1], sys.argv[2]
+model = AutoModelForCTC.from_pretrained(out).eval()
+processor = AutoProcessor.from_pretrained(out)
+refs, hyps = [], []
+for row in csv.DictReader(open(split_dir + "/metadata.csv", encoding="utf-8")):
+    audio, sr = sf.read(split_dir + "/" + row["file_name"], dtype="float32")
+    inputs = processor(audio, sampling_rate=sr, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(**inputs).logits.argmax(-1)[0]
+    hyps.append(processor.decode(ids))
+    refs.append(row["transcription"])
+print(json.dumps({"cer": jiwer.cer(refs, hyps), "modules": sorted(m for m in sys.modules if m.startswith("utils"))}))
+"""
+
+
+def test_saved_model_loads_in_fresh_process_and_cer_matches_jiwer(corpus_dir, tmp_path, script_env):
+    # Two steps at a tiny learning rate: the model still emits random characters on every frame,
+    # so batched evaluation that decoded padding frames, or any decoding slip, would change the CER.
+    out = tmp_path / "barely"
+    result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out), "--num_train_epochs", "1",
+                         "--max_train_samples", "16", *FAST, "--learning_rate", "1e-6"], script_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CER, str(out), str(corpus_dir / "en" / "test")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fresh = json.loads(result.stdout.strip().splitlines()[-1])
+    assert fresh["modules"] == []  # loaded with plain transformers, none of our code
+    reported = json.loads((out / "all_results.json").read_text())["test_cer"]
+    assert fresh["cer"] > 1.0  # random characters: more insertions than reference characters
+    assert reported == pytest.approx(fresh["cer"], abs=1e-9)
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def test_bad_input_is_one_line_and_overwrites_nothing(finetuned, corpus_dir, script_env):
+    before = _digest(finetuned)
+    result = run_script(["--language", "xx", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned.parent / "x"), *FAST], script_env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown language 'xx'")
+    result = run_script(["--language", "ca", "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(finetuned), *FAST], script_env)
+    assert result.returncode == 2
+    assert "holds a different run (language: 'en' there, 'ca' now" in result.stderr.strip().splitlines()[-1]
+    result = run_script(["--language", "en", "--data_dir", str(corpus_dir), "--output_dir", str(finetuned.parent / "y"), *FAST], script_env)
+    assert result.returncode == 2
+    assert "train/metadata.csv" in result.stderr.strip().splitlines()[-1]
+    assert _digest(finetuned) == before
+
+
+def test_fleurs_and_generated_sources(corpus_dir, tmp_path, script_env):
+    make_fleurs_repo(tmp_path / "hub", corpus_dir)
+    env = dict(script_env, HF_HUB_CACHE=str(tmp_path / "hub"))
+    out = tmp_path / "fleurs"
+    result = run_script(["--language", "ca", "--output_dir", str(out), "--num_train_epochs", "1", "--max_train_samples", "40", *FAST], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_samples"] == 40 and results["test_samples"] == 24
+    out = tmp_path / "generated"
+    result = run_script(["--language", "pl", "--dataset_name", "generated", "--generated_corpus_dir", str(tmp_path / "gen"),
+                         "--generated_num_train", "16", "--generated_num_eval", "4", "--output_dir", str(out), "--num_train_epochs", "1", *FAST], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "all_results.json").read_text())["test_samples"] == 4
+    assert "ż" in json.loads((out / "vocab.json").read_text()) or "ł" in json.loads((out / "vocab.json").read_text())
