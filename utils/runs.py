@@ -63,16 +63,15 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
     return get_last_checkpoint(output_dir) if path.is_dir() else None
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
-
-
 def run_cli(main) -> None:
-    """Run a script's ``main``; a bad input ends with one ``error: ...`` line and exit code 2."""
+    """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit code 2."""
     import sys
+
+    from .hub import HubError
 
     try:
         main()
-    except USER_ERRORS as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, HubError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

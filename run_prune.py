@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Prune a model's encoder into language tickets: the paper's second step.
+
+    python run_prune.py --model_name_or_path models/xlsr-en --language en \
+        --sparsity 0.7 0.8 0.9 --output_dir tickets/en \
+        --push_to_hub --hub_model_id me/xlsr-300m-en-ticket --hub_mask_repo_id me/xlsr-300m-masks
+
+One-shot global unstructured L1-magnitude pruning of every nn.Linear weight in the transformer
+encoder layers (``--prune_scope`` widens it), exactly ``round(sparsity * N)`` weights, several
+sparsities in one pass. Pruning the pretrained base model (no CTC head) is the paper's control
+(``--language base``). One sparsity writes the ticket to ``--output_dir``; several write
+``--output_dir/sparsity-0.70/`` and so on. A ticket is a plain transformers model with zeros
+where the mask prunes, plus ``mask.safetensors`` and a model card.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor, HfArgumentParser, set_seed
+
+from utils.hub import mask_path_in_repo, push_mask, push_ticket, write_ticket_card
+from utils.languages import resolve_language
+from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, apply_mask, check_sparsity, compute_masks, load_mask_metadata, prunable_parameters, save_mask
+from utils.runs import claim_output_dir, run_cli, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneArguments:
+    model_name_or_path: str = field(metadata={"help": "Fine-tuned CTC model or pretrained base model: local dir or Hub id."})
+    output_dir: str = field(metadata={"help": "Ticket directory (one sparsity) or parent of sparsity-X.XX/ directories."})
+    sparsity: list[float] = field(default_factory=lambda: [0.8], metadata={"help": "Fraction of in-scope weights pruned; several share one pass."})
+    language: Optional[str] = field(
+        default=None, metadata={"help": "Language the source was fine-tuned on, or 'base' for the pretrained control (default: read from a run_finetune.py output dir)."}
+    )
+    prune_scope: str = field(default="encoder_linear", metadata={"help": "One of: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_SCOPES.items())})
+    method: str = field(default="magnitude", metadata={"help": "magnitude (L1), or random (control: same count, random positions)."})
+    layerwise: bool = field(default=False, metadata={"help": "Control: the same sparsity in every tensor instead of one global threshold."})
+    seed: int = field(default=0, metadata={"help": "Seed of the threshold sample, random scores and any new head."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the source model."})
+    compress: bool = field(default=True, metadata={"help": "zstd-compress mask tensors when it saves at least 10%."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push each ticket as a model repo (--hub_model_id)."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of the ticket repo; with several sparsities '-sparsity-0.80' etc. is appended."})
+    hub_mask_repo_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of a dataset repo that collects masks, with an index table."})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_private_repo: Optional[bool] = field(default=None, metadata={"help": "Create new repos as private."})
+
+
+def ticket_dir(args: PruneArguments, sparsity: float) -> Path:
+    return Path(args.output_dir) if len(args.sparsity) == 1 else Path(args.output_dir) / f"sparsity-{sparsity:.2f}"
+
+
+def ticket_repo(args: PruneArguments, sparsity: float) -> Optional[str]:
+    if not args.hub_model_id:
+        return None
+    return args.hub_model_id if len(args.sparsity) == 1 else f"{args.hub_model_id}-sparsity-{sparsity:.2f}"
+
+
+def source_language(args: PruneArguments) -> Optional[str]:
+    """--language, else the language recorded by run_finetune.py in the source directory."""
+    if args.language:
+        return "base" if args.language == "base" else resolve_language(args.language).code
+    signature = Path(args.model_name_or_path) / "run_signature.json"
+    if signature.is_file():
+        return json.loads(signature.read_text(encoding="utf-8")).get("language")
+    return None
+
+
+def main():
+    # 1. Arguments, checked before anything is loaded or written.
+    (args,) = HfArgumentParser(PruneArguments).parse_args_into_dataclasses()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    args.sparsity = sorted({check_sparsity(s) for s in args.sparsity})
+    if args.prune_scope not in PRUNE_SCOPES:
+        raise ValueError(f"unknown --prune_scope {args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
+    if args.method not in PRUNE_METHODS:
+        raise ValueError(f"unknown --method {args.method!r}: expected one of {', '.join(PRUNE_METHODS)}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME")
+    language = source_language(args)
+    if args.hub_mask_repo_id and not language:
+        raise ValueError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")
+
+    # 2. Each ticket directory must be new or hold this same ticket (which is then reused as is).
+    signature = {
+        "script": "run_prune.py",
+        "model_name_or_path": args.model_name_or_path,
+        "model_revision": args.model_revision,
+        "prune_scope": args.prune_scope,
+        "method": args.method,
+        "layerwise": args.layerwise,
+        "seed": args.seed,
+    }
+    todo = []
+    for sparsity in args.sparsity:
+        out = ticket_dir(args, sparsity)
+        claim_output_dir(str(out), signature | {"sparsity": sparsity})
+        if not (out / MASK_FILE).is_file():
+            todo.append(sparsity)
+        else:
+            logger.info("%s already holds this ticket: reusing it", out)
+
+    # 3. Load the source model (a base model gets a fresh CTC head) and its processor.
+    infos = {}
+    if todo:
+        set_seed(args.seed)
+        model = AutoModelForCTC.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=torch.float32)
+        try:
+            processor = AutoProcessor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+        except (OSError, ValueError, TypeError):  # base models ship a feature extractor but no tokenizer
+            processor = AutoFeatureExtractor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+        source_revision = getattr(model.config, "_commit_hash", None)
+
+        # 4. Masks for every sparsity from one pass over the in-scope weights.
+        params = prunable_parameters(model, args.prune_scope)
+        start = time.perf_counter()
+        masks = compute_masks(params, todo, method=args.method, layerwise=args.layerwise, seed=args.seed)
+        logger.info("masks for %s over %d tensors (%d weights) in %.1f s", todo, len(params), sum(p.numel() for p in params.values()), time.perf_counter() - start)
+
+        # 5. Ascending sparsity: each mask prunes a superset of the previous one (one total order),
+        #    so zeroing in place yields every ticket from one copy of the model.
+        for sparsity in todo:
+            apply_mask(model, masks[sparsity])
+            out = ticket_dir(args, sparsity)
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            info = {
+                "sparsity": sparsity,
+                "scope": args.prune_scope,
+                "method": args.method,
+                "layerwise": args.layerwise,
+                "seed": args.seed,
+                "language": language,
+                "source_model": args.model_name_or_path,
+                "source_revision": source_revision,
+            }
+            infos[sparsity] = save_mask(tmp / MASK_FILE, masks[sparsity], info, compress=args.compress)
+            write_ticket_card(tmp, infos[sparsity])
+            write_json_atomic(tmp / "run_signature.json", signature | {"sparsity": sparsity})
+            # Swap the finished ticket in; a same-signature directory (an interrupted run) is replaced.
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            logger.info("ticket %s: %d of %d weights kept (%.4f sparsity)", out, infos[sparsity]["kept_total"], infos[sparsity]["total"], infos[sparsity]["actual_sparsity"])
+
+    # 6. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
+    for sparsity in args.sparsity:
+        out = ticket_dir(args, sparsity)
+        info = infos.get(sparsity) or load_mask_metadata(out / MASK_FILE)
+        repo = ticket_repo(args, sparsity)
+        if args.push_to_hub:
+            logger.info("pushed %s: %s", repo, push_ticket(out, repo, token=args.hub_token, private=args.hub_private_repo))
+        if args.hub_mask_repo_id:
+            path_in_repo = mask_path_in_repo(language, sparsity, args.method, args.prune_scope, args.layerwise)
+            row = {
+                "file": path_in_repo,
+                "language": language,
+                "sparsity": f"{sparsity:.2f}",
+                "method": args.method,
+                "scope": args.prune_scope,
+                "layerwise": args.layerwise,
+                "source_model": args.model_name_or_path,
+                "source_revision": info.get("source_revision") or "",
+                "ticket_repo": repo or "",
+                "sha256": hashlib.sha256((out / MASK_FILE).read_bytes()).hexdigest(),
+                "kept": info["kept_total"],
+                "total": info["total"],
+            }
+            pushed = push_mask(out / MASK_FILE, args.hub_mask_repo_id, row, token=args.hub_token, private=args.hub_private_repo)
+            logger.info("%s %s:%s", "pushed" if pushed else "unchanged", args.hub_mask_repo_id, path_in_repo)
+        print(f"ticket sparsity={sparsity:.2f} kept={info['kept_total']}/{info['total']} -> {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
