@@ -1,0 +1,192 @@
+"""run_prune.py end to end: tickets that plain transformers loads, and pushes to a local Hub."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+
+from tests.conftest import ROOT, TINY_CONFIG
+from tests.hub_server import TOKEN, HubServer
+from utils.hub import parse_reference
+from utils.masks import load_mask, load_mask_metadata, prunable_parameters
+
+
+def run_prune(args, env=None):
+    env = env or dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "run_prune.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A small 'fine-tuned' CTC model directory (random weights) with its feature extractor."""
+    out = tmp_path_factory.mktemp("source")
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(AutoConfig.from_pretrained(TINY_CONFIG)).save_pretrained(out)
+    Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG).save_pretrained(out)
+    return out
+
+
+FRESH_LOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCTC
+model = AutoModelForCTC.from_pretrained(sys.argv[1])
+zeros = {n: (p == 0).nonzero().tolist() for n, p in model.named_parameters() if n.startswith("wav2vec2.encoder.layers")}
+print(json.dumps({"ok": True, "ours": sorted(m for m in sys.modules if m.split(".")[0] == "utils")}))
+torch.save({n: p for n, p in model.state_dict().items()}, sys.argv[2])
+"""
+
+
+def test_tickets_load_with_plain_transformers(source, tmp_path):
+    out = tmp_path / "tickets"
+    result = run_prune(["--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.9", "0.5", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    original = Wav2Vec2ForCTC.from_pretrained(source)
+    for s in (0.5, 0.9):
+        ticket = out / f"sparsity-{s:.2f}"
+        assert {"config.json", "model.safetensors", "mask.safetensors", "README.md", "preprocessor_config.json"} <= {p.name for p in ticket.iterdir()}
+        assert not any(p.name.endswith(".bin") for p in ticket.iterdir())
+        loaded = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(ticket), str(tmp_path / "sd.pt")], cwd=tmp_path,
+                                capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1"}, timeout=120)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        assert json.loads(loaded.stdout.strip().splitlines()[-1])["ours"] == []
+        state = torch.load(tmp_path / "sd.pt")
+        mask = load_mask(ticket)  # read independently of the weights
+        params = prunable_parameters(original)
+        assert set(mask) == set(params)
+        for name, p in params.items():
+            assert torch.all(state[name][~mask[name]] == 0)
+            assert torch.equal(state[name][mask[name]], p.detach()[mask[name]])
+        for name, p in original.state_dict().items():  # out of scope: untouched
+            if name not in mask:
+                assert torch.equal(state[name], p), name
+        total = sum(p.numel() for p in params.values())
+        assert sum(int((~m).sum()) for m in mask.values()) == round(s * total)
+        card = ModelCard.load(ticket / "README.md")
+        assert card.data.sparsity == s and card.data.prune_scope == "encoder_linear" and card.data.prune_method == "magnitude"
+        assert card.data.language == ["en"] and {"pruned", "lottery-ticket", "ctc"} <= set(card.data.tags)
+        meta = load_mask_metadata(ticket / "mask.safetensors")
+        assert meta["source_model"] == str(source) and meta["language"] == "en" and meta["sparsity"] == s
+
+
+def test_base_model_control_and_rerun(tmp_path):
+    base = tmp_path / "base"
+    torch.manual_seed(1)
+    Wav2Vec2Model(AutoConfig.from_pretrained(TINY_CONFIG)).save_pretrained(base)  # no CTC head
+    Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG).save_pretrained(base)
+    out = tmp_path / "ticket"
+    args = ["--model_name_or_path", str(base), "--language", "base", "--sparsity", "0.8", "--output_dir", str(out)]
+    assert run_prune(args).returncode == 0
+    mask = load_mask(out)
+    assert next(iter(mask)).startswith("wav2vec2.encoder.layers.")  # same names as fine-tuned tickets
+    digest = hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest()
+    again = run_prune(args)
+    assert again.returncode == 0 and "reusing it" in again.stdout
+    assert hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path):
+    out = tmp_path / "ticket"
+    assert run_prune(["--model_name_or_path", str(source), "--sparsity", "0.8", "--output_dir", str(out)]).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cases = [
+        (["--sparsity", "1.5"], "sparsity 1.5 is outside (0, 1)"),
+        (["--sparsity", "0.7"], "holds a different run (sparsity: 0.8 there, 0.7 now)"),
+        (["--prune_scope", "everything"], "unknown --prune_scope 'everything'"),
+        (["--method", "snip"], "unknown --method 'snip'"),
+        (["--hub_mask_repo_id", "me/masks"], "--hub_mask_repo_id needs --language"),
+    ]
+    for extra, message in cases:
+        result = run_prune(["--model_name_or_path", str(source), "--output_dir", str(out), *extra])
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "reference, parsed",
+    [
+        ("me/ticket", ("me/ticket", "model", "mask.safetensors", None)),
+        ("me/masks:masks/en/sparsity-0.80.safetensors", ("me/masks", "dataset", "masks/en/sparsity-0.80.safetensors", None)),
+        ("hf://datasets/me/masks/masks/en/sparsity-0.80.safetensors", ("me/masks", "dataset", "masks/en/sparsity-0.80.safetensors", None)),
+        ("hf://me/ticket@v1", ("me/ticket", "model", "mask.safetensors", "v1")),
+        ("me/ticket@abc123", ("me/ticket", "model", "mask.safetensors", "abc123")),
+    ],
+)
+def test_mask_references(reference, parsed):
+    assert parse_reference(reference) == parsed
+
+
+def test_bad_reference():
+    with pytest.raises(ValueError, match="is not an existing path"):
+        parse_reference("not a repo")
+
+
+LOAD_FROM_HUB = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoModelForCTC
+from utils.masks import load_mask
+model = AutoModelForCTC.from_pretrained("me/tiny-en-ticket")
+a = load_mask("me/tiny-en-ticket")
+b = load_mask("me/xlsr-masks:masks/en/sparsity-0.80.safetensors")
+c = load_mask("hf://datasets/me/xlsr-masks/masks/en/sparsity-0.80.safetensors")
+params = dict(model.named_parameters())
+print(json.dumps({
+    "same": all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a),
+    "zeros_where_pruned": all(bool(torch.all(params[k][~a[k]] == 0)) for k in a),
+}))
+"""
+
+
+def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
+    with HubServer() as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"))
+        env.pop("HF_HUB_OFFLINE", None)
+        out = tmp_path / "ticket"
+        common = ["--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.8", "--output_dir", str(out)]
+        # A push that stops after the ticket (no mask repo yet) ...
+        result = run_prune([*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(hub.repo("me/tiny-en-ticket").commits) == 1
+        # ... is completed by re-running with the mask repo: no new ticket commit, one mask commit.
+        full = [*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket", "--hub_mask_repo_id", "me/xlsr-masks"]
+        result = run_prune(full, env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ticket_repo, mask_repo = hub.repo("me/tiny-en-ticket"), hub.repo("me/xlsr-masks", "dataset")
+        assert len(ticket_repo.commits) == 1 and len(mask_repo.commits) == 1
+        assert {"config.json", "model.safetensors", "mask.safetensors", "README.md"} <= set(ticket_repo.files)
+        assert "run_signature.json" not in ticket_repo.files
+        assert mask_repo.files["masks/en/sparsity-0.80.safetensors"] == (out / "mask.safetensors").read_bytes()
+        lines = mask_repo.files["index.csv"].decode().strip().splitlines()
+        assert lines[0].split(",")[:4] == ["file", "language", "sparsity", "method"]
+        assert len(lines) == 2
+        row = dict(zip(lines[0].split(","), lines[1].split(",")))
+        meta = load_mask_metadata(out)
+        assert row["sha256"] == hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest()
+        assert (row["language"], row["sparsity"], row["ticket_repo"], int(row["kept"])) == ("en", "0.80", "me/tiny-en-ticket", meta["kept_total"])
+        assert "configs:" in mask_repo.files["README.md"].decode() and "index.csv" in mask_repo.files["README.md"].decode()
+        # Idempotent: the same command again commits nothing anywhere.
+        assert run_prune(full, env).returncode == 0
+        assert len(ticket_repo.commits) == 1 and len(mask_repo.commits) == 1
+        # A second language adds a row, not a duplicate.
+        result = run_prune(["--model_name_or_path", str(source), "--language", "de", "--sparsity", "0.8", "--output_dir", str(tmp_path / "de"),
+                            "--hub_mask_repo_id", "me/xlsr-masks"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(mask_repo.files["index.csv"].decode().strip().splitlines()) == 3
+        # Everything loads back through from_pretrained and load_mask, in a fresh process.
+        loaded = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB, str(ROOT)], cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf2")),
+                                capture_output=True, text=True, timeout=120)
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {"same": True, "zeros_where_pruned": True}
+        # A bad token: one line naming the repo and what to do.
+        result = run_prune([*common[:-1], str(tmp_path / "other"), "--push_to_hub", "--hub_model_id", "me/other"], dict(env, HF_TOKEN="wrong"))
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]
+        assert "me/other" in last and "hf auth login" in last, last
