@@ -16,20 +16,18 @@ where the mask prunes, plus ``mask.safetensors`` and a model card.
 import hashlib
 import json
 import logging
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor, HfArgumentParser, set_seed
+from transformers import HfArgumentParser
 
-from utils.hub import mask_path_in_repo, push_mask, push_ticket, write_ticket_card
+from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
-from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, apply_mask, check_sparsity, compute_masks, load_mask_metadata, prunable_parameters, save_mask
-from utils.runs import claim_output_dir, run_cli, write_json_atomic
+from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, check_sparsity, load_mask_metadata
+from utils.runs import run_cli
+from utils.tickets import PruneSpec, build_tickets
 
 logger = logging.getLogger(__name__)
 
@@ -90,71 +88,13 @@ def main():
     if args.hub_mask_repo_id and not language:
         raise ValueError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")
 
-    # 2. Each ticket directory must be new or hold this same ticket (which is then reused as is).
-    signature = {
-        "script": "run_prune.py",
-        "model_name_or_path": args.model_name_or_path,
-        "model_revision": args.model_revision,
-        "prune_scope": args.prune_scope,
-        "method": args.method,
-        "layerwise": args.layerwise,
-        "seed": args.seed,
-    }
-    todo = []
-    for sparsity in args.sparsity:
-        out = ticket_dir(args, sparsity)
-        claim_output_dir(str(out), signature | {"sparsity": sparsity})
-        if not (out / MASK_FILE).is_file():
-            todo.append(sparsity)
-        else:
-            logger.info("%s already holds this ticket: reusing it", out)
+    # 2. Claim each ticket directory (new, or holding this same ticket), load the source once,
+    #    compute every mask in one pass over its weights, and write the tickets.
+    spec = PruneSpec(scope=args.prune_scope, method=args.method, layerwise=args.layerwise, seed=args.seed)
+    targets = {sparsity: ticket_dir(args, sparsity) for sparsity in args.sparsity}
+    infos = build_tickets(args.model_name_or_path, args.model_revision, targets, spec, language, compress=args.compress)
 
-    # 3. Load the source model (a base model gets a fresh CTC head) and its processor.
-    infos = {}
-    if todo:
-        set_seed(args.seed)
-        model = AutoModelForCTC.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=torch.float32)
-        try:
-            processor = AutoProcessor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-        except (OSError, ValueError, TypeError):  # base models ship a feature extractor but no tokenizer
-            processor = AutoFeatureExtractor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-        source_revision = getattr(model.config, "_commit_hash", None)
-
-        # 4. Masks for every sparsity from one pass over the in-scope weights.
-        params = prunable_parameters(model, args.prune_scope)
-        start = time.perf_counter()
-        masks = compute_masks(params, todo, method=args.method, layerwise=args.layerwise, seed=args.seed)
-        logger.info("masks for %s over %d tensors (%d weights) in %.1f s", todo, len(params), sum(p.numel() for p in params.values()), time.perf_counter() - start)
-
-        # 5. Ascending sparsity: each mask prunes a superset of the previous one (one total order),
-        #    so zeroing in place yields every ticket from one copy of the model.
-        for sparsity in todo:
-            apply_mask(model, masks[sparsity])
-            out = ticket_dir(args, sparsity)
-            tmp = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            info = {
-                "sparsity": sparsity,
-                "scope": args.prune_scope,
-                "method": args.method,
-                "layerwise": args.layerwise,
-                "seed": args.seed,
-                "language": language,
-                "source_model": args.model_name_or_path,
-                "source_revision": source_revision,
-            }
-            infos[sparsity] = save_mask(tmp / MASK_FILE, masks[sparsity], info, compress=args.compress)
-            write_ticket_card(tmp, infos[sparsity])
-            write_json_atomic(tmp / "run_signature.json", signature | {"sparsity": sparsity})
-            # Swap the finished ticket in; a same-signature directory (an interrupted run) is replaced.
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-            logger.info("ticket %s: %d of %d weights kept (%.4f sparsity)", out, infos[sparsity]["kept_total"], infos[sparsity]["total"], infos[sparsity]["actual_sparsity"])
-
-    # 6. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
+    # 3. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
     for sparsity in args.sparsity:
         out = ticket_dir(args, sparsity)
         info = infos.get(sparsity) or load_mask_metadata(out / MASK_FILE)
