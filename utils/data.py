@@ -27,6 +27,7 @@ from huggingface_hub import hf_hub_download
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
 from .languages import Language
+from .model import frames_for_samples, receptive_field
 from .runs import replace_dir_atomic
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 class DataArguments:
     """Where a language's speech comes from and how it is filtered."""
 
-    language: str = field(metadata={"help": "Language code, e.g. en, ca, ast (see utils/languages.py)."})
+    language: Optional[str] = field(default=None, metadata={"help": "Language code, e.g. en, ca, ast (see utils/languages.py)."})
     dataset_name: str = field(
         default=FLEURS_REPO,
         metadata={
@@ -369,3 +370,27 @@ class DataCollatorCTCWithPadding:
         labels_batch = self.processor.tokenizer.pad(labels, padding=self.padding, return_tensors="pt")
         batch["labels"] = labels_batch["input_ids"].masked_fill(labels_batch["attention_mask"].ne(1), -100)
         return batch
+
+
+def load_language_splits(args: DataArguments, language: Language) -> tuple[DatasetDict, dict[str, int]]:
+    """The normalised splits of ``language`` and the character vocabulary of its training split;
+    characters that only validation/test contain are logged (they become ``[UNK]``)."""
+    raw = normalize_splits(load_raw_splits(args, language), language, args.chars_to_ignore)
+    vocab = build_vocab(raw["train"]["text"])
+    for split in ("validation", "test"):
+        missing = unseen_chars(raw[split]["text"], vocab)
+        if missing:
+            logger.warning("%s: %d characters not in the training vocabulary map to [UNK]: %s", split, sum(missing.values()), dict(missing.most_common(10)))
+    return raw, vocab
+
+
+def vectorize_splits(raw: DatasetDict, processor: Wav2Vec2Processor, config, args: DataArguments) -> DatasetDict:
+    """``prepare_features`` with the limits a model config and the duration flags imply."""
+    return prepare_features(
+        raw,
+        processor,
+        frames_for_samples=lambda n: frames_for_samples(config, n),
+        min_samples=max(receptive_field(config), int(args.min_duration_in_seconds * SAMPLING_RATE)),
+        max_samples=int(args.max_duration_in_seconds * SAMPLING_RATE),
+        num_proc=args.preprocessing_num_workers,
+    )

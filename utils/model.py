@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel, Wav2Vec2Processor
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ def load_feature_extractor(args: ModelArguments):
     return AutoFeatureExtractor.from_pretrained(args.model_name_or_path, revision=args.model_revision)
 
 
-def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor) -> PreTrainedModel:
+def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor, new_head: bool = False) -> PreTrainedModel:
     """``AutoModelForCTC`` with its head sized to ``processor``'s vocabulary (a new head when the
-    checkpoint's differs or has none) and the overrides of ``args`` applied to the config."""
+    checkpoint's differs in size or is missing, or when ``new_head``: same size, other letters)
+    and the overrides of ``args`` applied to the config."""
     config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
     overrides = {
         name: getattr(args, name)
@@ -68,6 +70,9 @@ def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor) -> PreTra
         model = AutoModelForCTC.from_pretrained(
             args.model_name_or_path, config=config, revision=args.model_revision, ignore_mismatched_sizes=True
         )
+    if new_head:
+        torch.nn.init.normal_(model.lm_head.weight, std=config.initializer_range)
+        torch.nn.init.zeros_(model.lm_head.bias)
     if args.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model

@@ -75,3 +75,19 @@ def run_cli(main) -> None:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def setup_logging(should_log: bool) -> None:
+    """Script logging as in the HF examples: INFO on the main process, warnings elsewhere."""
+    import logging
+    import sys
+
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler(sys.stdout)])
+    level = logging.INFO if should_log else logging.WARNING
+    for name in ("__main__", "utils"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity(level)

@@ -1,16 +1,21 @@
-"""Trainer pieces shared by the recipes: training-argument defaults that follow the paper, and a
-Trainer that scores greedy CTC transcripts against each dataset's own transcripts."""
+"""Trainer pieces shared by the recipes: training-argument defaults that follow the paper, a
+Trainer that scores greedy CTC transcripts against each dataset's own transcripts, and the
+callbacks of ticket transfer (hold the mask, freeze then unfreeze the encoder)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from .metrics import error_rates, greedy_transcripts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,3 +83,72 @@ class CTCTrainer(Trainer):
             frames = torch.arange(pred_ids.shape[1], device=pred_ids.device)
             pred_ids = pred_ids.masked_fill(frames[None, :] >= lengths[:, None], core.config.pad_token_id)
         return loss, pred_ids, labels
+
+
+class HoldMaskCallback(TrainerCallback):
+    """Keeps every pruned weight at exactly 0: re-applies the mask right after each optimizer
+    step (before the scheduler, logging, evaluation and checkpointing see the weights) and once
+    when training starts or resumes. Float masks on the weights' device and one
+    ``torch._foreach_mul_`` keep the cost to a fraction of a percent of a step."""
+
+    def __init__(self, mask: dict[str, torch.Tensor]):
+        self.mask = mask
+        self._params: list[torch.Tensor] = []
+        self._factors: list[torch.Tensor] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        self._params = [params[name].data for name in self.mask]
+        self._factors = [keep.to(device=p.device, dtype=p.dtype) for keep, p in zip(self.mask.values(), self._params)]
+        self._hold()
+
+    @torch.no_grad()
+    def _hold(self):
+        torch._foreach_mul_(self._params, self._factors)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._hold()
+
+
+class FreezeEncoderCallback(TrainerCallback):
+    """Trains only the CTC head for the first ``freeze_epochs`` epochs, then the whole model
+    (the conv feature encoder stays frozen if it was). Toggling ``requires_grad`` from a callback
+    keeps every parameter in the optimizer built at the start; freezing before the Trainer builds
+    it would leave the encoder out of it for good. Decided from the epoch a run is in, so a
+    resumed run gets the right state."""
+
+    def __init__(self, freeze_epochs: int, keep_frozen: tuple[str, ...] = ()):
+        self.freeze_epochs = freeze_epochs
+        self.keep_frozen = keep_frozen
+        self.frozen_in_epochs: list[int] = []
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        frozen = epoch < self.freeze_epochs
+        for name, param in model.named_parameters():
+            trainable = name.startswith("lm_head.") or (not frozen and not name.startswith(self.keep_frozen))
+            param.requires_grad_(trainable)
+        if frozen:
+            self.frozen_in_epochs.append(epoch)
+        logger.info("epoch %d: encoder %s", epoch + 1, "frozen, training the CTC head only" if frozen else "trainable")
+
+
+def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str]) -> dict[str, float]:
+    """Train (resuming from ``--resume_from_checkpoint`` or this run's last checkpoint), save the
+    kept model, then evaluate it on validation and test; writes ``all_results.json``."""
+    args = trainer.args
+    results: dict[str, float] = {}
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        metrics = train_result.metrics | {"train_samples": len(splits["train"])}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results |= metrics
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        metrics = trainer.evaluate(splits[split], metric_key_prefix=prefix) | {f"{prefix}_samples": len(splits[split])}
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+        results |= metrics
+    return results

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Fine-tune a language ticket on another language with its mask held fixed: one cell of the
+paper's transfer tables.
+
+    accelerate launch run_transfer.py --upstream en --downstream ca --sparsity 0.8
+
+finds the ``en`` ticket at 80% sparsity (``--ticket``, else ``--tickets_dir``/en/sparsity-0.80,
+else the Hub repo ``--ticket_repo_pattern`` names, else pruned now from ``--upstream_model``),
+fine-tunes it on Catalan (FLEURS by default) keeping every pruned weight at exactly 0, and
+reports CER/WER on Catalan's test split. When upstream and downstream differ the encoder is
+frozen for ``--freeze_epochs`` (1) epoch, only the new CTC head learning, then trained for
+``--train_epochs`` (10) more; when they match, ``--train_epochs`` without freezing.
+Writes ``results.json``, one self-describing row of the study's grid.
+"""
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, HfArgumentParser, set_seed
+
+from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.languages import resolve_language
+from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask, load_mask_metadata
+from utils.model import ModelArguments, load_ctc_model, load_feature_extractor
+from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
+from utils.tickets import PruneSpec, find_ticket
+from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate
+
+logger = logging.getLogger(__name__)
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim", "conv_kernel", "conv_stride")
+
+
+@dataclass
+class TransferArguments:
+    upstream: str = field(metadata={"help": "Language whose ticket is transferred (or 'base': the pruned pretrained model)."})
+    downstream: str = field(metadata={"help": "Language to fine-tune on and test."})
+    sparsity: float = field(default=0.8, metadata={"help": "Sparsity of the ticket."})
+    ticket: Optional[str] = field(default=None, metadata={"help": "Ticket directory or Hub repo, overriding the lookup by --upstream/--sparsity."})
+    tickets_dir: str = field(default="tickets", metadata={"help": "Local tickets: <tickets_dir>/<upstream>/sparsity-0.80/."})
+    ticket_repo_pattern: Optional[str] = field(
+        default=None, metadata={"help": "Hub ticket repos, e.g. 'me/xls-r-300m-{upstream}-ticket-sparsity-{sparsity:.2f}'."}
+    )
+    upstream_model: Optional[str] = field(default=None, metadata={"help": "Fine-tuned upstream model to prune now when no ticket exists (saved under --tickets_dir)."})
+    prune_scope: str = field(default="encoder_linear", metadata={"help": "Scope for pruning now (see run_prune.py)."})
+    freeze_epochs: int = field(default=1, metadata={"help": "Epochs with the encoder frozen when upstream != downstream."})
+    train_epochs: int = field(default=10, metadata={"help": "Epochs of full training (after the frozen ones)."})
+    dense_transfer: bool = field(default=False, metadata={"help": "Control: start from the ticket but let pruned weights regrow."})
+
+
+def weights_digest(model: torch.nn.Module, names) -> str:
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(params[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main():
+    started = time.time()
+    # 1. Arguments: transfer, model overrides, data (the downstream language) and every TrainingArguments flag.
+    parser = HfArgumentParser((TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments))
+    transfer_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    upstream = "base" if transfer_args.upstream == "base" else resolve_language(transfer_args.upstream).code
+    downstream = resolve_language(transfer_args.downstream)
+    if data_args.language and resolve_language(data_args.language).code != downstream.code:
+        raise ValueError(f"--language {data_args.language!r} contradicts --downstream {transfer_args.downstream!r}: give --downstream only")
+    data_args.language = downstream.code
+    sparsity = check_sparsity(transfer_args.sparsity)
+    if transfer_args.prune_scope not in PRUNE_SCOPES:
+        raise ValueError(f"unknown --prune_scope {transfer_args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
+    freeze_epochs = transfer_args.freeze_epochs if upstream != downstream.code else 0
+    training_args.num_train_epochs = freeze_epochs + transfer_args.train_epochs
+    if freeze_epochs and training_args.world_size > 1:
+        training_args.ddp_find_unused_parameters = True  # frozen parameters produce no gradients in epoch 1
+    setup_logging(training_args.should_log)
+    logger.info("transferring the %s ticket at %.2f sparsity to %s (%s)", upstream, sparsity, downstream.name, downstream.code)
+
+    # 2. The output dir must be new or hold this same run, which then resumes from its last checkpoint.
+    signature = {
+        "script": "run_transfer.py",
+        "upstream": upstream,
+        "downstream": downstream.code,
+        "sparsity": sparsity,
+        "ticket": transfer_args.ticket,
+        "dataset": data_args.data_dir or data_args.dataset_name,
+        "dense_transfer": transfer_args.dense_transfer,
+    }
+    last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
+
+    # 3. The ticket: found, fetched or pruned now (once, on the main process), and its mask.
+    with training_args.main_process_first(desc="ticket"):
+        if transfer_args.ticket:
+            ticket_ref, found = transfer_args.ticket, "given"
+        else:
+            spec = PruneSpec(scope=transfer_args.prune_scope, seed=training_args.seed)
+            ticket_ref, found = find_ticket(upstream, sparsity, transfer_args.tickets_dir, transfer_args.ticket_repo_pattern, transfer_args.upstream_model, spec)
+        ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else Path(snapshot_download(ticket_ref))
+    if not (ticket_dir / MASK_FILE).is_file():
+        raise FileNotFoundError(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
+    ticket_info = load_mask_metadata(ticket_dir)
+    if abs(ticket_info["sparsity"] - sparsity) > 1e-9:
+        raise ValueError(f"ticket {ticket_ref!r} has sparsity {ticket_info['sparsity']:.2f}, not the {sparsity:.2f} asked for")
+    mask = load_mask(ticket_dir)
+    if model_args.model_name_or_path != ModelArguments.model_name_or_path:  # the user named the base the ticket must come from
+        expected, actual = AutoConfig.from_pretrained(model_args.model_name_or_path), AutoConfig.from_pretrained(ticket_dir)
+        differ = [f for f in ARCHITECTURE_FIELDS if getattr(expected, f, None) != getattr(actual, f, None)]
+        if differ:
+            raise ValueError(f"ticket {ticket_ref!r} does not match --model_name_or_path {model_args.model_name_or_path!r}: {', '.join(differ)} differ")
+    logger.info("ticket %s (%s): %d of %d weights kept", ticket_ref, found, ticket_info["kept_total"], ticket_info["total"])
+    set_seed(training_args.seed)
+
+    # 4. Downstream data and vocabulary; a new CTC head when it differs from the ticket's.
+    with training_args.main_process_first(desc="load data"):
+        raw, vocab = load_language_splits(data_args, downstream)
+    ticket_vocab_file = ticket_dir / "vocab.json"
+    ticket_vocab = json.loads(ticket_vocab_file.read_text(encoding="utf-8")) if ticket_vocab_file.is_file() else None
+    new_head = ticket_vocab != vocab
+    model_args.model_name_or_path = str(ticket_dir)
+    with training_args.main_process_first(desc="processor"):
+        processor = build_processor(vocab, load_feature_extractor(model_args), training_args.output_dir)
+    model = load_ctc_model(model_args, processor, new_head=new_head)
+    check_mask_fits(model, mask)
+    apply_mask(model, mask)
+
+    # 5. Features, and a Trainer that holds the mask and freezes then unfreezes the encoder.
+    with training_args.main_process_first(desc="features"):
+        splits = vectorize_splits(raw, processor, model.config, data_args)
+    callbacks = []
+    if not transfer_args.dense_transfer:
+        callbacks.append(HoldMaskCallback(mask))
+    freezer = None
+    if freeze_epochs:
+        keep_frozen = ("wav2vec2.feature_extractor.",) if model_args.freeze_feature_encoder else ()
+        freezer = FreezeEncoderCallback(freeze_epochs, keep_frozen)
+        callbacks.append(freezer)
+    trainer = CTCTrainer(
+        model=model,
+        args=training_args,
+        data_collator=DataCollatorCTCWithPadding(processor),
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+    # 6. Train (resuming this run's last checkpoint), keep the lowest-eval-loss checkpoint, test it.
+    metrics = train_and_evaluate(trainer, splits, last_checkpoint)
+
+    # 7. What the final model holds: measured sparsity, and whether every pruned weight is still 0.
+    params = dict(model.named_parameters())
+    pruned_zero = all(bool(torch.all(params[n].detach()[~keep.to(params[n].device)] == 0)) for n, keep in mask.items())
+    nonzero = sum(int(torch.count_nonzero(params[n].detach())) for n in mask)
+    digest = weights_digest(model, mask)
+    print(f"rank {training_args.process_index}/{training_args.world_size}: final in-scope weights sha256 {digest}", flush=True)
+
+    # 8. results.json: one self-describing row of the grid (main process), model card and push.
+    if training_args.process_index == 0:
+        results = {
+            "upstream": upstream,
+            "downstream": downstream.code,
+            "sparsity": sparsity,
+            "ticket": ticket_ref,
+            "ticket_found": found,
+            "ticket_source_model": ticket_info.get("source_model"),
+            "ticket_mask_sha256": ticket_info["sha256"],
+            "prune_scope": ticket_info["scope"],
+            "prune_method": ticket_info["method"],
+            "dense_transfer": transfer_args.dense_transfer,
+            "new_head": new_head,
+            "test_cer": metrics["test_cer"],
+            "test_wer": metrics["test_wer"],
+            "test_loss": metrics["test_loss"],
+            "eval_loss": trainer.state.best_metric if trainer.state.best_metric is not None else metrics["eval_loss"],
+            "eval_cer": metrics["eval_cer"],
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "freeze_epochs": freeze_epochs,
+            "frozen_in_epochs": [e + 1 for e in freezer.frozen_in_epochs] if freezer else [],
+            "epochs": training_args.num_train_epochs,
+            "steps": trainer.state.global_step,
+            "train_samples": len(splits["train"]),
+            "test_samples": len(splits["test"]),
+            "seed": training_args.seed,
+            "learning_rate": training_args.learning_rate,
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "world_size": training_args.world_size,
+            "dataset": data_args.data_dir or data_args.dataset_name,
+            "measured_sparsity": 1.0 - nonzero / ticket_info["total"],
+            "mask_held": pruned_zero,
+            "final_weights_sha256": digest,
+            "wall_time_s": round(time.time() - started, 1),
+            "transformers_version": transformers.__version__,
+            "command": " ".join(sys.argv),
+            "transfer_args": asdict(transfer_args),
+        }
+        write_json_atomic(Path(training_args.output_dir) / "results.json", results)
+        logger.info("%s -> %s at %.2f: test CER %.4f, WER %.4f", upstream, downstream.code, sparsity, results["test_cer"], results["test_wer"])
+    card = {
+        "finetuned_from": ticket_ref,
+        "tasks": "automatic-speech-recognition",
+        "language": downstream.code,
+        "dataset": data_args.data_dir or data_args.dataset_name,
+        "tags": ["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", f"sparsity-{sparsity:.2f}"],
+    }
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+
+
+if __name__ == "__main__":
+    run_cli(main)
