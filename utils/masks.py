@@ -286,8 +286,24 @@ def save_mask(path: Union[str, os.PathLike], mask: dict[str, torch.Tensor], info
     return metadata
 
 
-def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
-    """Packed bits per tensor (uncompressed) and the metadata, checksum verified. No pickle."""
+@dataclass
+class MaskWords:
+    """A mask file's bits in one ``uint64`` buffer, each tensor starting on a word boundary
+    (zero bits pad the gaps): the layout popcount-based IoU works on without copies."""
+
+    words: np.ndarray
+    slices: dict[str, slice]  # word range of each tensor, names in sorted order
+    nbytes: dict[str, int]  # packed bytes of each tensor
+    metadata: dict
+
+    def packed(self, name: str) -> np.ndarray:
+        start = self.slices[name].start * 8
+        return self.words.view(np.uint8)[start : start + self.nbytes[name]]
+
+
+def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
+    """Read and verify a mask file (format, sizes, checksum) into one word-aligned buffer,
+    decompressing straight into it. No pickle."""
     import zstandard
 
     try:
@@ -303,21 +319,44 @@ def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray]
         raise ValueError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
     if metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
         raise ValueError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
-    packed = {}
+    names = sorted(metadata["shapes"])
+    nbytes = {name: math.ceil(math.prod(metadata["shapes"][name]) / 8) for name in names}
+    slices, total = {}, 0
+    for name in names:
+        slices[name] = slice(total, total + -(-nbytes[name] // 8))
+        total = slices[name].stop
+    words = np.zeros(total, dtype=np.uint64)
+    raw = words.view(np.uint8)
     digest = hashlib.sha256()
-    for name, shape in sorted(metadata["shapes"].items()):
+    for name in names:
         if name not in stored:
             raise ValueError(f"{path} lacks tensor {name!r} listed in its metadata: the file is corrupted")
+        target = raw[slices[name].start * 8 : slices[name].start * 8 + nbytes[name]]
         data = stored[name]
-        if metadata["encodings"][name] == "zstd":
-            data = np.frombuffer(zstandard.ZstdDecompressor().decompress(data.tobytes()), dtype=np.uint8)
-        if data.size != math.ceil(math.prod(shape) / 8):
-            raise ValueError(f"{path}: tensor {name!r} holds {data.size} bytes, expected {math.ceil(math.prod(shape) / 8)}: the file is corrupted")
-        packed[name] = data
-        digest.update(data.tobytes())
+        try:
+            if metadata["encodings"][name] == "zstd":
+                with zstandard.ZstdDecompressor().stream_reader(memoryview(data)) as reader:
+                    filled = reader.readinto(memoryview(target))
+                    while filled < nbytes[name] and (more := reader.readinto(memoryview(target)[filled:])):
+                        filled += more
+                    overflow = bool(reader.read(1))
+            else:
+                filled, overflow = data.size, data.size > nbytes[name]
+                target[: min(data.size, nbytes[name])] = data[: nbytes[name]]
+        except zstandard.ZstdError as err:
+            raise ValueError(f"{path}: tensor {name!r} does not decompress ({err}): the file is corrupted") from err
+        if filled != nbytes[name] or overflow:
+            raise ValueError(f"{path}: tensor {name!r} holds the wrong number of bytes, expected {nbytes[name]}: the file is corrupted")
+        digest.update(target)
     if digest.hexdigest() != metadata["sha256"]:
         raise ValueError(f"{path} fails its checksum (sha256 {digest.hexdigest()[:12]}..., expected {metadata['sha256'][:12]}...): the file is corrupted")
-    return packed, metadata
+    return MaskWords(words, slices, nbytes, metadata)
+
+
+def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
+    """Packed bits per tensor (uncompressed, views into one buffer) and the metadata, verified."""
+    mask = read_mask_words(path)
+    return {name: mask.packed(name) for name in mask.slices}, mask.metadata
 
 
 def load_mask(reference: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
