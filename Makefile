@@ -5,7 +5,6 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEMO_DIR ?= demo_output
 
 .PHONY: setup system-packages demo test clean
 
@@ -26,16 +25,10 @@ $(VENV)/.installed: requirements.txt
 	@touch $@
 
 demo: setup
-	$(PY) -m utils.corpus --languages en --output_dir $(DEMO_DIR)/corpus --num_train 2000 --num_eval 200
-	$(PY) run_finetune.py --language en --data_dir $(DEMO_DIR)/corpus/en \
-	  --model_name_or_path configs/tiny-wav2vec2 --output_dir $(DEMO_DIR)/finetune-en \
-	  --num_train_epochs 8 --per_device_train_batch_size 8 --learning_rate 2e-3 --adam_beta2 0.98 \
-	  --warmup_steps 50 --freeze_feature_encoder False --use_cpu --logging_steps 50 --disable_tqdm True
-	@$(PY) -c "import json; r = json.load(open('$(DEMO_DIR)/finetune-en/all_results.json')); \
-	  print(f\"demo: English test CER {r['test_cer']:.3f}, WER {r['test_wer']:.3f} -> $(DEMO_DIR)/finetune-en\")"
+	$(PY) run_grid.py --config configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf demo_output .pytest_cache

@@ -92,3 +92,27 @@ def frames_for_samples(config: PretrainedConfig, num_samples: int) -> int:
     for kernel, stride in zip(config.conv_kernel, config.conv_stride):
         num_samples = max(0, (num_samples - kernel) // stride + 1)
     return num_samples
+
+
+def init_from_config(config_dir: str, output_dir: str, seed: int = 0) -> None:
+    """Save a seeded random initialisation of a config-only model directory (with its feature
+    extractor): the 'base model' of a study run on a tiny model with no pretrained weights."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    model = AutoModelForCTC.from_config(AutoConfig.from_pretrained(config_dir))
+    tmp = f"{output_dir.rstrip('/')}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    AutoFeatureExtractor.from_pretrained(config_dir).save_pretrained(tmp)
+    os.replace(tmp, output_dir)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a seeded random initialisation of a config-only model directory.")
+    parser.add_argument("--init_from_config", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args()
+    init_from_config(cli.init_from_config, cli.output_dir, cli.seed)

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Run a whole study from one config file: fine-tune, prune (and prune the base), transfer every
+ticket to every downstream language, compare masks, and write REPORT.md.
+
+    python run_grid.py --config configs/paper.yaml             # the paper's study (GPUs, FLEURS)
+    python run_grid.py --config configs/demo.yaml              # what `make demo` runs (CPU, minutes)
+    python run_grid.py --config configs/paper.yaml --dry_run   # print the commands still to run
+
+Steps whose result exists are skipped, so a killed grid resumes where it stopped. Each step run
+records its command, settings, status and time in <output_dir>/steps/, its output in logs/.
+"""
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from utils.grid import StepFailed, collect, load_config, plan, run_step
+from utils.report import write_csv_atomic, write_report
+from utils.runs import run_cli
+
+RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "test_cer", "test_wer", "eval_loss", "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s"]
+
+
+def check_flags(config) -> None:
+    """Extra flags in the config must be options of the scripts that receive them."""
+    from run_finetune import CTCTrainingArguments, DataArguments, ModelArguments
+    from run_prune import PruneArguments
+    from run_transfer import TransferArguments
+
+    def names(*classes):
+        return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+    allowed = {
+        "data": names(DataArguments),
+        "finetune": names(ModelArguments, DataArguments, CTCTrainingArguments),
+        "prune": names(PruneArguments),
+        "transfer": names(TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
+    }
+    for section, valid in allowed.items():
+        unknown = sorted(set(getattr(config, section)) - valid)
+        if unknown:
+            raise ValueError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
+
+
+def main():
+    # 1. The study: read and validate the whole config before any work starts.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="study config (YAML or JSON), e.g. configs/paper.yaml")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands still to run, in order, and stop")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    check_flags(config)
+    steps = plan(config)
+
+    # 2. Dry run: the commands of the unfinished steps, for other machines or a scheduler.
+    todo = [step for step in steps if not step.done.exists()]
+    if args.dry_run:
+        for step in todo:
+            print(f"# {step.id}\n{shlex.join(step.argv)}")
+        print(f"# {len(todo)} of {len(steps)} steps to run")
+        return
+
+    # 3. Run what is not done yet, with progress.
+    print(f"study {config.name}: {len(steps)} steps, {len(steps) - len(todo)} already done -> {config.output_dir}", flush=True)
+    started, ran = time.time(), 0
+    for i, step in enumerate(steps, 1):
+        prefix = f"[{i:>3}/{len(steps)}] {step.id}"
+        if step.done.exists():
+            print(f"{prefix}: done already", flush=True)
+            continue
+        print(f"{prefix} ...", end="", flush=True)
+        record = run_step(config, step)
+        ran += 1
+        detail = ""
+        if step.kind == "transfer":
+            result = json.loads(step.done.read_text())
+            detail = f", test CER {100 * result['test_cer']:.1f}%"
+        print(f" {record['seconds']:.1f} s{detail}", flush=True)
+
+    # 4. Aggregate: every transfer result in one table, and the report with its pictures.
+    rows, ious = collect(config)
+    write_csv_atomic(Path(config.output_dir) / "results.csv", rows, RESULT_COLUMNS)
+    upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
+    report = write_report(config.output_dir, rows, ious, upstreams, config.downstream, f"Study: {config.name}", config.note)
+    print(f"ran {ran} step(s), skipped {len(steps) - len(todo)}, in {time.time() - started:.0f} s")
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    try:
+        run_cli(main)
+    except StepFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
