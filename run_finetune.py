@@ -18,9 +18,9 @@ from transformers import HfArgumentParser, set_seed
 
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.languages import resolve_language
-from utils.model import ModelArguments, load_ctc_model, load_feature_extractor
+from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, setup_logging
-from utils.training import CTCTrainer, CTCTrainingArguments, train_and_evaluate
+from utils.training import CTCTrainer, CTCTrainingArguments, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,12 @@ def main():
     with training_args.main_process_first(desc="load data"):
         raw, vocab = load_language_splits(data_args, language)
 
-    # 4. Processor (written to output_dir) and model with a CTC head sized to the vocabulary.
+    # 4. Processor (written to output_dir) and model with a CTC head for this vocabulary (a new one
+    #    unless the checkpoint was trained on exactly these letters).
+    source_vocab = checkpoint_vocab(model_args.model_name_or_path, model_args.model_revision)
     with training_args.main_process_first(desc="processor"):
         processor = build_processor(vocab, load_feature_extractor(model_args), training_args.output_dir)
-    model = load_ctc_model(model_args, processor)
+    model = load_ctc_model(model_args, processor, new_head=source_vocab is not None and source_vocab != vocab)
 
     # 5. Audio to input_values, text to labels; skip (and count) what cannot be trained on.
     with training_args.main_process_first(desc="features"):
@@ -76,17 +78,13 @@ def main():
     train_and_evaluate(trainer, splits, last_checkpoint)
 
     # 8. Model card, and the Hub push when asked for.
-    card = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "automatic-speech-recognition",
-        "language": language.code,
-        "dataset": data_args.data_dir or data_args.dataset_name,
-        "tags": ["ctc", "language-tickets"],
-    }
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    else:
-        trainer.create_model_card(**card)
+    write_card_or_push(
+        trainer,
+        finetuned_from=model_args.model_name_or_path,
+        language=language.code,
+        dataset=data_args.data_dir or data_args.dataset_name,
+        tags=["ctc", "language-tickets"],
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def check_flags(config) -> None:
         "data": names(DataArguments),
         "finetune": names(ModelArguments, DataArguments, CTCTrainingArguments),
         "prune": names(PruneArguments),
+        "pretrain": names(ModelArguments, DataArguments, CTCTrainingArguments) | {"mixture", "num_train"},
         "transfer": names(TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
     }
     for section, valid in allowed.items():

@@ -14,7 +14,6 @@ Writes ``results.json``, one self-describing row of the study's grid.
 """
 
 import hashlib
-import json
 import logging
 import sys
 import time
@@ -30,10 +29,10 @@ from transformers import AutoConfig, HfArgumentParser, set_seed
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask, load_mask_metadata
-from utils.model import ModelArguments, load_ctc_model, load_feature_extractor
+from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
 from utils.tickets import PruneSpec, find_ticket
-from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate
+from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim", "conv_kernel", "conv_stride")
@@ -118,11 +117,13 @@ def main():
     logger.info("ticket %s (%s): %d of %d weights kept", ticket_ref, found, ticket_info["kept_total"], ticket_info["total"])
     set_seed(training_args.seed)
 
-    # 4. Downstream data and vocabulary; a new CTC head when it differs from the ticket's.
+    # 4. Downstream data and vocabulary. The ticket's own vocabulary and head are kept when they
+    #    cover every training letter (same language); otherwise a new head for the new letters.
     with training_args.main_process_first(desc="load data"):
         raw, vocab = load_language_splits(data_args, downstream)
-    ticket_vocab_file = ticket_dir / "vocab.json"
-    ticket_vocab = json.loads(ticket_vocab_file.read_text(encoding="utf-8")) if ticket_vocab_file.is_file() else None
+    ticket_vocab = checkpoint_vocab(str(ticket_dir))
+    if ticket_vocab is not None and set(vocab) <= set(ticket_vocab):
+        vocab = ticket_vocab
     new_head = ticket_vocab != vocab
     model_args.model_name_or_path = str(ticket_dir)
     with training_args.main_process_first(desc="processor"):
@@ -203,17 +204,13 @@ def main():
         }
         write_json_atomic(Path(training_args.output_dir) / "results.json", results)
         logger.info("%s -> %s at %.2f: test CER %.4f, WER %.4f", upstream, downstream.code, sparsity, results["test_cer"], results["test_wer"])
-    card = {
-        "finetuned_from": ticket_ref,
-        "tasks": "automatic-speech-recognition",
-        "language": downstream.code,
-        "dataset": data_args.data_dir or data_args.dataset_name,
-        "tags": ["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", f"sparsity-{sparsity:.2f}"],
-    }
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    else:
-        trainer.create_model_card(**card)
+    write_card_or_push(
+        trainer,
+        finetuned_from=ticket_ref,
+        language=downstream.code,
+        dataset=data_args.data_dir or data_args.dataset_name,
+        tags=["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", f"sparsity-{sparsity:.2f}"],
+    )
 
 
 if __name__ == "__main__":

@@ -55,3 +55,21 @@ def test_word_lists_are_clean():
     words = word_list("fr", 100)
     assert len(words) == len(set(words)) == 100
     assert all(len(w) >= 2 and normalize_text(w, "fr") == w for w in words)
+
+
+def test_mixture_draws_the_asked_proportions_without_copying(corpus_dir):
+    from utils.corpus import mix_corpus
+    from utils.data import load_local_splits
+
+    per_language = {"num_train": 240, "num_eval": 24, "vocab_size": 60}
+    mul = mix_corpus(str(corpus_dir), {"en": 3, "ca": 1}, num_train=100, num_eval=20, per_language=per_language)
+    rows = _rows(mul, "train")
+    assert len(rows) == 100 and sum(r["language"] == "en" for r in rows) == 75
+    assert len({r["file_name"] for r in rows}) == 100  # drawn without replacement
+    assert not list(mul.rglob("*.wav"))  # rows point at the languages' own clips
+    splits = load_local_splits(str(mul))  # and the loader finds every one of them
+    assert len(splits["train"]) == 100 and len(splits["test"]) == 20
+    again = mix_corpus(str(corpus_dir), {"en": 3, "ca": 1}, num_train=100, num_eval=20, per_language=per_language)
+    assert _rows(again, "train") == rows
+    with pytest.raises(FileExistsError, match="holds another mixture"):
+        mix_corpus(str(corpus_dir), {"en": 1, "ca": 1}, num_train=100, num_eval=20, per_language=per_language)

@@ -44,6 +44,7 @@ def test_config_errors_come_before_any_work(tmp_path, corpus_dir):
         ({"data": {"dataset_name": "generated"}, "downstream": ["ast"]}, "no voice for ast"),
         ({"colour": "blue"}, "unknown key(s) ['colour']"),
         ({"transfer": {"train_epoch": 3}}, "section 'transfer' has unknown flag(s) ['train_epoch']"),
+        ({"pretrain": {"mixture": {"en": 1.0}}}, "'pretrain' needs data.dataset_name: generated"),
     ]
     for overrides, message in cases:
         path = study(tmp_path, corpus_dir, **overrides)
@@ -58,6 +59,9 @@ def test_plan_covers_the_study(tmp_path, corpus_dir):
     kinds = [step.kind for step in plan(config)]
     # init base, 2 fine-tunes, 3 prunes (base + 2), (2 + base) x 2 downstream x 2 sparsities, 2 IoU
     assert kinds == ["init"] + ["finetune"] * 2 + ["prune"] * 3 + ["transfer"] * 12 + ["iou"] * 2
+    demo = plan(load_config(str(ROOT / "configs" / "demo.yaml")))
+    assert [s.kind for s in demo[:4]] == ["corpus", "init", "pretrain", "finetune"]
+    assert demo[3].settings["model_name_or_path"] == demo[2].settings["output_dir"]  # upstream models start from the pretrained base
     assert load_config(str(ROOT / "configs" / "paper.yaml")).downstream == ["ca", "ast", "xh", "en", "de", "fr", "es", "pl"]
     assert len(plan(load_config(str(ROOT / "configs" / "paper.yaml")))) == 5 + 6 + 6 * 8 * 3 + 3
 

@@ -1,4 +1,3 @@
-import jiwer
 import numpy as np
 import torch
 from transformers import AutoConfig, EvalPrediction, TrainingArguments, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC

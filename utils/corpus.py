@@ -13,6 +13,7 @@ sentences never repeat a training sentence. Languages with no espeak-ng voice, a
 paper's Asturian (ast) and Xhosa (xh), cannot be generated.
 
     python -m utils.corpus --languages en de fr es pl ca --output_dir data/corpus
+    python -m utils.corpus --mix en=0.5 de=0.25 es=0.25 --output_dir data/corpus   # + data/corpus/mul
 """
 
 from __future__ import annotations
@@ -159,9 +160,52 @@ def generate_corpus(
     return out
 
 
+def mix_corpus(
+    output_dir: str, mixture: dict[str, float], num_train: int, num_eval: int, seed: int = 0, per_language: Optional[dict] = None
+) -> Path:
+    """A multilingual corpus ``<output_dir>/mul`` drawn from the per-language corpora (generated
+    first if missing) in the proportions of ``mixture``: a stand-in for a multilingual
+    pretraining set, English-heavy if you make it so. Its ``metadata.csv`` rows point at the
+    languages' own clips (relative paths), so nothing is copied. ``per_language`` holds the
+    ``generate_corpus`` settings of the language corpora."""
+    per_language = per_language or {}
+    total = sum(mixture.values())
+    if not mixture or total <= 0 or any(w < 0 for w in mixture.values()):
+        raise ValueError(f"mixture {mixture!r}: expected positive weights per language, e.g. en=0.5 de=0.25 es=0.25")
+    sources = generate_corpus(output_dir, list(mixture), **per_language)
+    settings = {"version": CORPUS_VERSION, "mixture": {resolve_language(k).code: v / total for k, v in mixture.items()}, "num_train": num_train, "num_eval": num_eval, "seed": seed, "sources": per_language}
+    target = Path(output_dir) / "mul"
+    if target.exists():
+        existing = json.loads((target / "corpus.json").read_text(encoding="utf-8")) if (target / "corpus.json").is_file() else None
+        if existing != json.loads(json.dumps(settings)):
+            raise FileExistsError(f"{target} holds another mixture ({existing}): expected {settings}; choose another output directory")
+        return target
+    tmp = Path(f"{target}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = random.Random(f"{seed}-mix")
+    for split, size in (("train", num_train), ("validation", num_eval), ("test", num_eval)):
+        rows = []
+        for code, weight in settings["mixture"].items():
+            with open(sources[code] / split / "metadata.csv", newline="", encoding="utf-8") as f:
+                available = list(csv.DictReader(f))
+            for row in rng.sample(available, min(len(available), round(weight * size))):
+                rows.append({"file_name": f"../../{code}/{split}/{row['file_name']}", "transcription": row["transcription"], "language": code})
+        rng.shuffle(rows)
+        (tmp / split).mkdir(parents=True)
+        with open(tmp / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["file_name", "transcription", "language"])
+            writer.writeheader()
+            writer.writerows(rows)
+    write_json_atomic(tmp / "corpus.json", settings)
+    replace_dir_atomic(tmp, target)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate the offline multilingual espeak-ng corpus.")
-    parser.add_argument("--languages", nargs="+", required=True)
+    parser.add_argument("--languages", nargs="+", default=[])
+    parser.add_argument("--mix", nargs="+", default=[], metavar="CODE=WEIGHT", help="also write <output_dir>/mul, a mixture of these languages")
+    parser.add_argument("--num_mix_train", type=int, default=2000)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_train", type=int, default=2000)
     parser.add_argument("--num_eval", type=int, default=200, help="validation and test size each")
@@ -171,6 +215,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for code, path in generate_corpus(args.output_dir, args.languages, args.num_train, args.num_eval, args.vocab_size, args.seed).items():
         print(f"{code}: {path}")
+    if args.mix:
+        mixture = {}
+        for item in args.mix:
+            code, _, weight = item.partition("=")
+            try:
+                mixture[code] = float(weight)
+            except ValueError:
+                raise SystemExit(f"error: --mix item {item!r} is not CODE=WEIGHT") from None
+        per_language = {"num_train": args.num_train, "num_eval": args.num_eval, "vocab_size": args.vocab_size, "seed": args.seed}
+        print(f"mul: {mix_corpus(args.output_dir, mixture, args.num_mix_train, args.num_eval, args.seed, per_language)}")
 
 
 if __name__ == "__main__":

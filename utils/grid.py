@@ -54,6 +54,7 @@ class StudyConfig:
     finetune: dict[str, Any] = field(default_factory=dict)
     prune: dict[str, Any] = field(default_factory=dict)
     transfer: dict[str, Any] = field(default_factory=dict)
+    pretrain: dict[str, Any] = field(default_factory=dict)
     note: Optional[str] = None
 
 
@@ -80,6 +81,12 @@ def load_config(path: str) -> StudyConfig:
     config.sparsities = sorted({check_sparsity(s) for s in config.sparsities})
     if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
         raise ValueError(f"grid config seeds {config.seeds!r}: expected a list of integers")
+    if config.pretrain:
+        if config.data.get("dataset_name") != "generated" or "mixture" not in config.pretrain:
+            raise ValueError("grid config 'pretrain' needs data.dataset_name: generated and a pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
+        config.pretrain["mixture"] = {resolve_language(code).code: float(w) for code, w in config.pretrain["mixture"].items()}
+        if any(resolve_language(code).espeak_voice is None for code in config.pretrain["mixture"]):
+            raise ValueError(f"pretrain.mixture {config.pretrain['mixture']} names a language without an espeak-ng voice")
     if config.data.get("dataset_name") == "generated":
         silent = [code for code in config.upstream + config.downstream if resolve_language(code).espeak_voice is None]
         if silent:
@@ -122,6 +129,17 @@ def plan(config: StudyConfig) -> list[Step]:
     python = [sys.executable]
     launch = shlex.split(config.launcher) if config.launcher != "python" else python
     steps = []
+    pretrain = {k: v for k, v in config.pretrain.items() if k not in ("mixture", "num_train")}
+    if config.pretrain:  # a multilingual mixture of the generated corpus to pretrain the base on
+        corpus = Path(config.data.get("generated_corpus_dir", "~/.cache/language-tickets/generated-corpus")).expanduser()
+        settings = {
+            "mix": [f"{code}={weight}" for code, weight in config.pretrain["mixture"].items()],
+            "output_dir": str(corpus),
+            "num_mix_train": config.pretrain.get("num_train", 2000),
+            "num_train": config.data.get("generated_num_train", 2000),
+            "num_eval": config.data.get("generated_num_eval", 200),
+        }
+        steps.append(Step("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings))
     for seed in config.seeds:
         root = out / f"seed-{seed}"
         base = config.model
@@ -129,6 +147,11 @@ def plan(config: StudyConfig) -> list[Step]:
             base = str(root / "base-model")
             steps.append(Step(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", "--init_from_config", config.model, "--output_dir", base, "--seed", str(seed)],
                               Path(base) / "config.json", {"model": config.model, "seed": seed}))
+        if config.pretrain:
+            target = root / "pretrain"
+            settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **pretrain}
+            steps.append(Step(f"seed-{seed}/pretrain", "pretrain", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json", settings))
+            base = str(target)
         for up in config.upstream:
             target = root / "finetune" / up
             settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}

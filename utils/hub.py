@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from .masks import MASK_FILE

@@ -145,6 +145,8 @@ def _parse(table: str) -> dict[str, Language]:
 
 
 LANGUAGES: dict[str, Language] = _parse(_TABLE)
+# ISO 639 "mul": a mixture of languages, e.g. the generated multilingual pretraining corpus.
+MULTILINGUAL = Language(code="mul", fleurs="", name="Multilingual mixture", common_voice=None, espeak_voice=None)
 # Other spellings users type for the same language.
 ALIASES: dict[str, str] = {"zh": "cmn", "no": "nb", "fil": "fil", "tl": "fil", "ku": "ckb"}
 _BY_FLEURS = {lang.fleurs: lang for lang in LANGUAGES.values()}
@@ -153,6 +155,8 @@ _BY_FLEURS = {lang.fleurs: lang for lang in LANGUAGES.values()}
 def resolve_language(code: str) -> Language:
     """Look a language up by short code, alias or FLEURS config; unknown codes list close matches."""
     key = code.strip().lower().replace("-", "_")
+    if key == MULTILINGUAL.code:
+        return MULTILINGUAL
     if key in LANGUAGES:
         return LANGUAGES[key]
     if key in ALIASES:

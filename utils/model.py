@@ -116,3 +116,18 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     cli = parser.parse_args()
     init_from_config(cli.init_from_config, cli.output_dir, cli.seed)
+
+
+def checkpoint_vocab(path_or_repo: str, revision: str = "main") -> Optional[dict]:
+    """The ``vocab.json`` a checkpoint's tokenizer uses, or None if it has none (a base model)."""
+    import json
+
+    local = os.path.join(path_or_repo, "vocab.json")
+    if os.path.isdir(path_or_repo):
+        return json.loads(open(local, encoding="utf-8").read()) if os.path.isfile(local) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(open(hf_hub_download(path_or_repo, "vocab.json", revision=revision), encoding="utf-8").read())
+    except Exception:  # no such file in the repo (base models), or offline: no vocabulary to compare
+        return None

@@ -152,3 +152,12 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
         trainer.save_metrics(prefix, metrics)
         results |= metrics
     return results
+
+
+def write_card_or_push(trainer: Trainer, **card) -> None:
+    """The model card (speech-recognition task), and the Hub push when ``--push_to_hub`` asks for it."""
+    card["tasks"] = "automatic-speech-recognition"
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
