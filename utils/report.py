@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def write_csv_atomic(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
@@ -63,6 +64,8 @@ def plot_layer_iou(detail: list[dict], pairs: list[tuple[str, str]], title: str,
         line = ax.plot(layers, [r["iou"] for r in rows], marker="o", label=f"{a} vs {b}")[0]
         ax.plot(layers, [r["random_iou"] for r in rows], linestyle="--", color=line.get_color(), alpha=0.5)
     ax.set_xlabel("encoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("IoU (dashed: random masks of the same densities)")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
