@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -20,8 +21,6 @@ def run_script(args, env, script="run_finetune.py"):
 
 @pytest.fixture(scope="module")
 def finetuned(corpus_dir, tmp_path_factory):
-    import os
-
     out = tmp_path_factory.mktemp("ft") / "en"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out),
@@ -112,3 +111,34 @@ def test_fleurs_and_generated_sources(corpus_dir, tmp_path, script_env):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "all_results.json").read_text())["test_samples"] == 4
     assert "ż" in json.loads((out / "vocab.json").read_text()) or "ł" in json.loads((out / "vocab.json").read_text())
+
+
+PULL = r"""
+import json, sys
+from transformers import AutoModelForCTC, AutoProcessor
+model = AutoModelForCTC.from_pretrained(sys.argv[1])
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+print(json.dumps({"vocab": len(processor.tokenizer), "head": model.lm_head.out_features}))
+"""
+
+
+def test_push_to_hub_as_in_the_examples(corpus_dir, tmp_path):
+    from tests.hub_server import TOKEN, HubServer
+
+    with HubServer() as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+        env.pop("HF_HUB_OFFLINE", None)
+        out = tmp_path / "push"
+        result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out), "--num_train_epochs", "1",
+                             "--max_train_samples", "16", "--push_to_hub", "--hub_model_id", "me/tiny-en", *FAST], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        repo = hub.repo("me/tiny-en")
+        assert {"config.json", "model.safetensors", "vocab.json", "README.md"} <= set(repo.files)
+        card = repo.files["README.md"].decode()
+        assert "- en" in card and "- language-tickets" in card
+        assert "base_model" not in card  # a local source is no Hub repo id
+        pulled = subprocess.run([sys.executable, "-c", PULL, "me/tiny-en"], cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf2")),
+                                capture_output=True, text=True, timeout=120)
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        sizes = json.loads(pulled.stdout.strip().splitlines()[-1])
+        assert sizes["vocab"] == sizes["head"] == len(json.loads((out / "vocab.json").read_text())) + 2  # + <s>, </s>

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -155,8 +156,11 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
 
 
 def write_card_or_push(trainer: Trainer, **card) -> None:
-    """The model card (speech-recognition task), and the Hub push when ``--push_to_hub`` asks for it."""
+    """The model card (speech-recognition task), and the Hub push when ``--push_to_hub`` asks for it.
+    A local ``finetuned_from`` is left out: the Hub accepts only repo ids as ``base_model``."""
     card["tasks"] = "automatic-speech-recognition"
+    if card.get("finetuned_from") and os.path.exists(card["finetuned_from"]):
+        card.pop("finetuned_from")
     if trainer.args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
