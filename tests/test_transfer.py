@@ -89,6 +89,17 @@ def test_same_language_skips_freezing_and_keeps_the_head(tickets, corpus_dir, tm
     assert not torch.equal(after1["wav2vec2.encoder.layers.0.attention.q_proj.weight"], start["wav2vec2.encoder.layers.0.attention.q_proj.weight"])
 
 
+def test_dense_transfer_control_lets_pruned_weights_regrow(tickets, corpus_dir, tmp_path):
+    out = tmp_path / "dense"
+    result = run("run_transfer.py", ["--upstream", "en", "--downstream", "ca", "--sparsity", "0.8", "--tickets_dir", str(tickets / "tickets"),
+                                     "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(out), "--freeze_epochs", "0", "--train_epochs", "1",
+                                     "--dense_transfer", *TRAIN])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["dense_transfer"] is True and results["mask_held"] is False
+    assert results["measured_sparsity"] < 0.1  # the pruned weights trained back to non-zero values
+
+
 def test_prunes_on_the_spot_and_refuses_bad_input(tickets, corpus_dir, tmp_path):
     base = ["--downstream", "ca", "--data_dir", str(corpus_dir / "ca"), "--train_epochs", "1", "--freeze_epochs", "0", *TRAIN]
     out = tmp_path / "spot"
