@@ -28,7 +28,7 @@ from transformers import AutoConfig, HfArgumentParser, set_seed
 
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.languages import resolve_language
-from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask, load_mask_metadata
+from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask_and_metadata
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
 from utils.tickets import PruneSpec, find_ticket
@@ -105,10 +105,9 @@ def main():
         ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else Path(snapshot_download(ticket_ref))
     if not (ticket_dir / MASK_FILE).is_file():
         raise FileNotFoundError(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
-    ticket_info = load_mask_metadata(ticket_dir)
+    mask, ticket_info = load_mask_and_metadata(ticket_dir)
     if abs(ticket_info["sparsity"] - sparsity) > 1e-9:
         raise ValueError(f"ticket {ticket_ref!r} has sparsity {ticket_info['sparsity']:.2f}, not the {sparsity:.2f} asked for")
-    mask = load_mask(ticket_dir)
     if model_args.model_name_or_path != ModelArguments.model_name_or_path:  # the user named the base the ticket must come from
         expected, actual = AutoConfig.from_pretrained(model_args.model_name_or_path), AutoConfig.from_pretrained(ticket_dir)
         differ = [f for f in ARCHITECTURE_FIELDS if getattr(expected, f, None) != getattr(actual, f, None)]

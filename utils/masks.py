@@ -359,13 +359,19 @@ def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray]
     return {name: mask.packed(name) for name in mask.slices}, mask.metadata
 
 
-def load_mask(reference: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """``{parameter name: BoolTensor}`` (True = kept) from a mask file, a ticket directory or a Hub
-    reference (see ``utils.hub.resolve_mask``)."""
+def load_mask_and_metadata(reference: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The mask (``{parameter name: BoolTensor}``, True = kept) and its metadata, read once, from a
+    mask file, a ticket directory or a Hub reference (see ``utils.hub.resolve_mask``)."""
     from .hub import resolve_mask
 
     packed, metadata = read_mask_file(resolve_mask(reference))
-    return {name: unpack(bits, tuple(metadata["shapes"][name])) for name, bits in packed.items()}
+    return {name: unpack(bits, tuple(metadata["shapes"][name])) for name, bits in packed.items()}, metadata
+
+
+def load_mask(reference: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """``{parameter name: BoolTensor}`` (True = kept) from a mask file, a ticket directory or a Hub
+    reference (see ``utils.hub.resolve_mask``)."""
+    return load_mask_and_metadata(reference)[0]
 
 
 def load_mask_metadata(reference: Union[str, os.PathLike]) -> dict:
