@@ -27,7 +27,7 @@ from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, check_sparsity, load_mask_metadata
 from utils.runs import run_cli
-from utils.tickets import PruneSpec, build_tickets
+from utils.tickets import PruneSpec, build_tickets, ticket_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ class PruneArguments:
     hub_mask_repo_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of a dataset repo that collects masks, with an index table."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_private_repo: Optional[bool] = field(default=None, metadata={"help": "Create new repos as private."})
-
-
-def ticket_dir(args: PruneArguments, sparsity: float) -> Path:
-    return Path(args.output_dir) if len(args.sparsity) == 1 else Path(args.output_dir) / f"sparsity-{sparsity:.2f}"
 
 
 def ticket_repo(args: PruneArguments, sparsity: float) -> Optional[str]:
@@ -91,12 +87,12 @@ def main():
     # 2. Claim each ticket directory (new, or holding this same ticket), load the source once,
     #    compute every mask in one pass over its weights, and write the tickets.
     spec = PruneSpec(scope=args.prune_scope, method=args.method, layerwise=args.layerwise, seed=args.seed)
-    targets = {sparsity: ticket_dir(args, sparsity) for sparsity in args.sparsity}
+    targets = ticket_dirs(args.output_dir, args.sparsity)
     infos = build_tickets(args.model_name_or_path, args.model_revision, targets, spec, language, compress=args.compress)
 
     # 3. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
     for sparsity in args.sparsity:
-        out = ticket_dir(args, sparsity)
+        out = targets[sparsity]
         info = infos.get(sparsity) or load_mask_metadata(out / MASK_FILE)
         repo = ticket_repo(args, sparsity)
         if args.push_to_hub:

@@ -30,6 +30,7 @@ from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
 from .model import has_local_config_only
 from .runs import write_json_atomic
+from .tickets import local_ticket_dir, sparsity_dir, ticket_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,12 +160,12 @@ def plan(config: StudyConfig) -> list[Step]:
         sources = [("base", base)] if config.prune_base else []
         sources += [(up, str(root / "finetune" / up)) for up in config.upstream]
         for label, source in sources:
-            # run_prune.py writes one sparsity straight into --output_dir, several into sparsity-X.XX/
+            # Every ticket lands in tickets/<label>/sparsity-X.XX/, whatever the number of sparsities.
             target = root / "tickets" / label
             if len(config.sparsities) == 1:
-                target = target / f"sparsity-{config.sparsities[0]:.2f}"
+                target = sparsity_dir(target, config.sparsities[0])
             settings = {"model_name_or_path": source, "language": label, "sparsity": config.sparsities, "output_dir": str(target), "seed": seed, **config.prune}
-            done = (target / f"sparsity-{config.sparsities[-1]:.2f}" if len(config.sparsities) > 1 else target) / MASK_FILE
+            done = ticket_dirs(target, config.sparsities)[config.sparsities[-1]] / MASK_FILE
             steps.append(Step(f"seed-{seed}/prune/{label}", "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], done, settings))
         tickets_from = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
         for up in tickets_from:
@@ -176,8 +177,8 @@ def plan(config: StudyConfig) -> list[Step]:
         labels = config.upstream
         for s in config.sparsities:
             target = root / "iou" / f"sparsity-{s:.2f}"
-            masks = [f"{up}={root / 'tickets' / up / f'sparsity-{s:.2f}'}" for up in labels]
-            settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(root / "tickets" / "base" / f"sparsity-{s:.2f}")} if config.prune_base else {})
+            masks = [f"{up}={local_ticket_dir(root / 'tickets', up, s)}" for up in labels]
+            settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(local_ticket_dir(root / "tickets", "base", s))} if config.prune_base else {})
             if len(masks) + config.prune_base >= 2:
                 steps.append(Step(f"seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json", settings))
     return steps

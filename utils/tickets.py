@@ -111,8 +111,20 @@ def build_tickets(
     return infos
 
 
+def sparsity_dir(parent: str | Path, sparsity: float) -> Path:
+    return Path(parent) / f"sparsity-{sparsity:.2f}"
+
+
+def ticket_dirs(output_dir: str | Path, sparsities: list[float]) -> dict[float, Path]:
+    """Where ``run_prune.py --output_dir`` puts each ticket: one sparsity straight into the
+    directory, several into its ``sparsity-0.70/``, ``sparsity-0.80/``, ..."""
+    if len(sparsities) == 1:
+        return {sparsities[0]: Path(output_dir)}
+    return {s: sparsity_dir(output_dir, s) for s in sparsities}
+
+
 def local_ticket_dir(tickets_dir: str, upstream: str, sparsity: float) -> Path:
-    return Path(tickets_dir) / upstream / f"sparsity-{sparsity:.2f}"
+    return sparsity_dir(Path(tickets_dir) / upstream, sparsity)
 
 
 def hub_ticket_exists(repo_id: str) -> bool:
