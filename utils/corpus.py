@@ -126,6 +126,19 @@ def _generate_language(code: str, split_sizes: dict[str, int], vocab_size: int, 
     replace_dir_atomic(tmp, target)
 
 
+def _reusable(target: Path, settings: dict, other: str) -> bool:
+    """True when ``target`` holds a corpus made with exactly ``settings`` (reuse it), False when
+    it does not exist; a directory made otherwise is refused, never overwritten."""
+    if not target.exists():
+        return False
+    if not (target / "corpus.json").is_file():
+        raise FileExistsError(f"{target} exists but is not a generated corpus (no corpus.json): choose another output directory")
+    existing = json.loads((target / "corpus.json").read_text(encoding="utf-8"))
+    if existing != json.loads(json.dumps(settings)):
+        raise FileExistsError(f"{target} holds {other} ({existing}): expected {settings}; choose another output directory")
+    return True
+
+
 def generate_corpus(
     output_dir: str,
     languages: list[str],
@@ -144,16 +157,7 @@ def generate_corpus(
         code = resolve_language(code).code
         settings = {"version": CORPUS_VERSION, "language": code, "splits": split_sizes, "vocab_size": vocab_size, "seed": seed}
         target = Path(output_dir) / code
-        if target.exists():
-            if not (target / "corpus.json").is_file():
-                raise FileExistsError(f"{target} exists but is not a generated corpus (no corpus.json): choose another output directory")
-            existing = json.loads((target / "corpus.json").read_text(encoding="utf-8"))
-            if existing != settings:
-                raise FileExistsError(
-                    f"{target} holds a corpus made with other settings ({existing}): expected {settings}; "
-                    "choose another output directory"
-                )
-        else:
+        if not _reusable(target, settings, "a corpus made with other settings"):
             logger.info("synthesising %s corpus (%s) in %s", code, split_sizes, target)
             _generate_language(code, split_sizes, vocab_size, seed, workers, target, settings)
         out[code] = target
@@ -175,10 +179,7 @@ def mix_corpus(
     sources = generate_corpus(output_dir, list(mixture), **per_language)
     settings = {"version": CORPUS_VERSION, "mixture": {resolve_language(k).code: v / total for k, v in mixture.items()}, "num_train": num_train, "num_eval": num_eval, "seed": seed, "sources": per_language}
     target = Path(output_dir) / "mul"
-    if target.exists():
-        existing = json.loads((target / "corpus.json").read_text(encoding="utf-8")) if (target / "corpus.json").is_file() else None
-        if existing != json.loads(json.dumps(settings)):
-            raise FileExistsError(f"{target} holds another mixture ({existing}): expected {settings}; choose another output directory")
+    if _reusable(target, settings, "another mixture"):
         return target
     tmp = Path(f"{target}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
