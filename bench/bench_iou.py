@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procmem import reset_peak, rss_bytes  # bench/ is the script directory
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, HIDDEN, FFN = 24, 1024, 4096
 
@@ -45,21 +47,14 @@ def make_masks(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def worker(method: str, paths: list[str], device: str) -> dict:
     import torch  # noqa: F401  (imported before the baseline memory reading, for both methods)
 
     from utils.iou import iou_tables, load_packed
     from utils.masks import load_mask
 
-    base = _rss_kb("VmRSS") * 1024
-    Path("/proc/self/clear_refs").write_text("5")
+    base = rss_bytes("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     if method == "packed":
         overall, _ = iou_tables([load_packed(str(i), p) for i, p in enumerate(paths)])
@@ -73,7 +68,7 @@ def worker(method: str, paths: list[str], device: str) -> dict:
                 union = sum(int((masks[i][n] | masks[j][n]).sum()) for n in masks[i])
                 values[(str(i), str(j))] = inter / union
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "extra_peak_bytes": _rss_kb("VmHWM") * 1024 - base, "values": {f"{a},{b}": v for (a, b), v in values.items()}}
+    return {"seconds": seconds, "extra_peak_bytes": rss_bytes("VmHWM") - base, "values": {f"{a},{b}": v for (a, b), v in values.items()}}
 
 
 def run(method: str, paths: list[Path], device: str) -> dict:

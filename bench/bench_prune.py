@@ -18,19 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from procmem import reset_peak, rss_bytes  # bench/ is the script directory
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "300m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "1b": dict(hidden_size=1280, num_hidden_layers=48, num_attention_heads=16, intermediate_size=5120),
     "2b": dict(hidden_size=1920, num_hidden_layers=48, num_attention_heads=16, intermediate_size=7680),
 }
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
@@ -55,8 +50,8 @@ def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_kb("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+        base = rss_bytes("VmRSS")
+        reset_peak()
     start = time.perf_counter()
     if method == "ours":
         mask = compute_masks(params, [sparsity])[sparsity]
@@ -70,7 +65,7 @@ def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes("VmHWM")
     kept = sum(int((p != 0).sum()) for p in params.values()) if method == "ours" else None
     return {"shape": shape, "method": method, "weights": n, "seconds": seconds, "extra_peak_bytes": peak - base, "kept": kept}
 
