@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, set_seed
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.languages import resolve_language
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
-from utils.runs import claim_output_dir, run_cli, setup_logging
+from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
 from utils.training import CTCTrainer, CTCTrainingArguments, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,10 @@ def main():
     setup_logging(training_args.should_log)
     logger.info("fine-tuning %s on %s (%s)", model_args.model_name_or_path, language.name, language.code)
 
-    # 2. The output dir must be new or hold this same run, which then resumes from its last checkpoint.
-    signature = {
-        "script": "run_finetune.py",
-        "language": language.code,
-        "model_name_or_path": model_args.model_name_or_path,
-        "dataset": data_args.data_dir or data_args.dataset_name,
-        "dataset_config_name": data_args.dataset_config_name,
-    }
+    # 2. The output dir must be new or hold this same run (every result-changing setting equal),
+    #    which then resumes from its last checkpoint.
+    data_args.language = language.code
+    signature = run_signature("run_finetune.py", model_args, data_args, training_args)
     last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
     set_seed(training_args.seed)
 
@@ -74,7 +70,8 @@ def main():
         processing_class=processor,
     )
 
-    # 7. Train (resuming this run's last checkpoint), keep the lowest-eval-loss checkpoint, evaluate it.
+    # 7. Train (resuming this run's last checkpoint), keep the lowest-eval-loss checkpoint, evaluate it
+    #    (per-utterance rows in predictions_validation.jsonl and predictions_test.jsonl).
     train_and_evaluate(trainer, splits, last_checkpoint)
 
     # 8. Model card, and the Hub push when asked for.

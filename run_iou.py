@@ -8,7 +8,8 @@
 Each mask is a ticket directory, a mask file or a Hub reference (see utils/hub.py). Computes the
 IoU of every pair (and of each language against ``--base``, the pretrained model pruned the same
 way), overall, per encoder layer and per module type (q/k/v/out/ffn_in/ffn_out), each beside the
-IoU two random masks of the same densities would have. Works on the packed bits. Writes
+IoU two random masks of the same densities would have and the chance-corrected overlap
+(IoU - random) / (1 - random). Works on the packed bits. Writes
 ``iou.csv`` (pairs), ``iou_layers.csv`` (per layer and module), ``iou.json``,
 ``iou_heatmap.png`` and ``iou_layers.png``.
 """
@@ -27,12 +28,12 @@ from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
 from utils.runs import claim_output_dir, run_cli, write_json_atomic
 
 logger = logging.getLogger(__name__)
-PAIR_COLUMNS = ["a", "b", "iou", "random_iou", "intersection", "union", "kept_a", "kept_b", "weights"]
+PAIR_COLUMNS = ["a", "b", "iou", "random_iou", "chance_corrected", "intersection", "union", "kept_a", "kept_b", "weights"]
 
 
 @dataclass
 class IoUArguments:
-    masks: list[str] = field(metadata={"help": "LABEL=MASK pairs, e.g. en=tickets/en/sparsity-0.90 (dir, file or Hub reference)."})
+    masks: list[str] = field(metadata={"help": "LABEL=MASK pairs, e.g. en=tickets/en/sparsity-0.90 (dir, file or Hub reference); LANGUAGE@SEED labels compare seeds."})
     output_dir: str = field(metadata={"help": "Where the tables and pictures go."})
     base: Optional[str] = field(default=None, metadata={"help": "The base model's mask at the same sparsity (labelled 'base')."})
 

@@ -10,7 +10,8 @@ fine-tunes it on Catalan (FLEURS by default) keeping every pruned weight at exac
 reports CER/WER on Catalan's test split. When upstream and downstream differ the encoder is
 frozen for ``--freeze_epochs`` (1) epoch, only the new CTC head learning, then trained for
 ``--train_epochs`` (10) more; when they match, ``--train_epochs`` without freezing.
-Writes ``results.json``, one self-describing row of the study's grid.
+Writes ``results.json``, one self-describing row of the study's grid, and the per-utterance
+test transcripts it was scored from, ``predictions_test.jsonl``.
 """
 
 import hashlib
@@ -30,7 +31,7 @@ from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processo
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask_and_metadata
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
-from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
+from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.tickets import PruneSpec, find_ticket
 from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
 
@@ -83,16 +84,10 @@ def main():
     setup_logging(training_args.should_log)
     logger.info("transferring the %s ticket at %.2f sparsity to %s (%s)", upstream, sparsity, downstream.name, downstream.code)
 
-    # 2. The output dir must be new or hold this same run, which then resumes from its last checkpoint.
-    signature = {
-        "script": "run_transfer.py",
-        "upstream": upstream,
-        "downstream": downstream.code,
-        "sparsity": sparsity,
-        "ticket": transfer_args.ticket,
-        "dataset": data_args.data_dir or data_args.dataset_name,
-        "dense_transfer": transfer_args.dense_transfer,
-    }
+    # 2. The output dir must be new or hold this same run (every result-changing setting equal),
+    #    which then resumes from its last checkpoint.
+    transfer_args.upstream, transfer_args.downstream, transfer_args.sparsity = upstream, downstream.code, sparsity
+    signature = run_signature("run_transfer.py", transfer_args, model_args, data_args, training_args)
     last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
 
     # 3. The ticket: found, fetched or pruned now (once, on the main process), and its mask.
@@ -178,6 +173,7 @@ def main():
             "new_head": new_head,
             "test_cer": metrics["test_cer"],
             "test_wer": metrics["test_wer"],
+            "test_samples": metrics["test_samples"],
             "test_loss": metrics["test_loss"],
             "eval_loss": trainer.state.best_metric if trainer.state.best_metric is not None else metrics["eval_loss"],
             "eval_cer": metrics["eval_cer"],
@@ -187,7 +183,6 @@ def main():
             "epochs": training_args.num_train_epochs,
             "steps": trainer.state.global_step,
             "train_samples": len(splits["train"]),
-            "test_samples": len(splits["test"]),
             "seed": training_args.seed,
             "learning_rate": training_args.learning_rate,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,

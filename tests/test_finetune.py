@@ -43,6 +43,27 @@ def test_training_loss_falls_and_results_are_written(finetuned):
     assert state["best_metric"] == pytest.approx(min(eval_losses))
 
 
+def test_predictions_files_reproduce_the_reported_rates(finetuned, corpus_dir):
+    import csv
+
+    import jiwer
+
+    results = json.loads((finetuned / "all_results.json").read_text())
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        rows = [json.loads(line) for line in (finetuned / f"predictions_{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == results[f"{prefix}_samples"]
+        # dataset order, keyed by the clip's file name
+        order = [r["file_name"] for r in csv.DictReader(open(corpus_dir / "en" / split / "metadata.csv", encoding="utf-8"))]
+        assert [r["id"] for r in rows] == order[: len(rows)]
+        refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
+        assert results[f"{prefix}_cer"] == jiwer.cer(refs, hyps) == sum(r["char_edits"] for r in rows) / sum(r["ref_chars"] for r in rows)
+        assert results[f"{prefix}_wer"] == jiwer.wer(refs, hyps) == sum(r["word_edits"] for r in rows) / sum(r["ref_words"] for r in rows)
+        for r in rows[:5]:  # each row's counts are that pair's own edit distance
+            assert r["char_edits"] == jiwer.process_characters(r["reference"], r["hypothesis"]).substitutions + jiwer.process_characters(
+                r["reference"], r["hypothesis"]).deletions + jiwer.process_characters(r["reference"], r["hypothesis"]).insertions
+            assert r["ref_chars"] == len(r["reference"]) and r["ref_words"] == len(r["reference"].split())
+
+
 FRESH_PROCESS_CER = r"""
 import csv, json, sys
 import jiwer, soundfile as sf, torch
@@ -91,6 +112,12 @@ def test_bad_input_is_one_line_and_overwrites_nothing(finetuned, corpus_dir, scr
     result = run_script(["--language", "ca", "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(finetuned), *FAST], script_env)
     assert result.returncode == 2
     assert "holds a different run (language: 'en' there, 'ca' now" in result.stderr.strip().splitlines()[-1]
+    for change, message in ((["--learning_rate", "1e-3"], "learning_rate: 0.002 there, 0.001 now"), (["--seed", "2"], "seed: 1 there, 2 now"),
+                            (["--num_train_epochs", "7"], "num_train_epochs: 6.0 there, 7.0 now")):
+        result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned), "--num_train_epochs", "6",
+                             "--logging_steps", "10", *FAST, *change], script_env)
+        assert result.returncode == 2
+        assert f"holds a different run ({message})" in result.stderr.strip().splitlines()[-1], result.stderr.strip().splitlines()[-1]
     result = run_script(["--language", "en", "--data_dir", str(corpus_dir), "--output_dir", str(finetuned.parent / "y"), *FAST], script_env)
     assert result.returncode == 2
     assert "train/metadata.csv" in result.stderr.strip().splitlines()[-1]

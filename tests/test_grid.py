@@ -1,5 +1,6 @@
-"""The grid: config validation, resuming a killed study without redoing finished steps, and the
-report rendered from a small results set."""
+"""The grid: config validation, resuming a killed study without redoing finished steps, the
+seed-to-seed IoU of a two-seed study, stale steps after a config edit, and the report rendered
+from hand-made results."""
 
 import json
 import os
@@ -9,35 +10,50 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY_CONFIG
 from utils.grid import load_config, plan
-from utils.report import cer_table, write_report
+from utils.masks import load_mask
+from utils.metrics import Utterance, read_predictions
+from utils.report import cer_table, paired_table, write_report
+from utils.stats import Rates, paired_difference_interval, rate_interval
 
 TRAIN = {"per_device_train_batch_size": 8, "learning_rate": 2.0e-3, "freeze_feature_encoder": False, "use_cpu": True, "disable_tqdm": True}
 
 
-def study(tmp_path, corpus_dir, **overrides):
-    config = {
+def study_config(tmp_path, **overrides) -> dict:
+    return {
         "name": "test study",
         "output_dir": str(tmp_path / "study"),
         "model": str(TINY_CONFIG),
         "upstream": ["en"],
         "downstream": ["ca"],
-        "sparsities": [0.5, 0.8],
-        "seeds": [0],
+        "sparsities": [0.8],
+        "seeds": [0, 1],
         "data": {"data_dir": "UNUSED"},
         "finetune": {"num_train_epochs": 1, "max_train_samples": 48, **TRAIN},
         "transfer": {"freeze_epochs": 1, "train_epochs": 1, "max_train_samples": 24, **TRAIN},
     } | overrides
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(config))
+
+
+def write_study(tmp_path, name="study.yaml", **overrides):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study_config(tmp_path, **overrides)))
     return path
 
 
-def test_config_errors_come_before_any_work(tmp_path, corpus_dir):
+def grid(path, *flags, timeout=600, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(path), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_config_errors_come_before_any_work(tmp_path):
+    from run_grid import check_flags
+
     cases = [
         ({"upstream": ["en", "xx"]}, "unknown language 'xx'"),
         ({"sparsities": [0.5, 1.0]}, "sparsity 1.0 is outside"),
@@ -45,92 +61,213 @@ def test_config_errors_come_before_any_work(tmp_path, corpus_dir):
         ({"colour": "blue"}, "unknown key(s) ['colour']"),
         ({"transfer": {"train_epoch": 3}}, "section 'transfer' has unknown flag(s) ['train_epoch']"),
         ({"pretrain": {"mixture": {"en": 1.0}}}, "'pretrain' needs data.dataset_name: generated"),
+        ({"seeds": [0, 1, 0]}, "give seed(s) [0] more than once"),
     ]
     for overrides, message in cases:
-        path = study(tmp_path, corpus_dir, **overrides)
-        result = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert message in result.stderr.strip().splitlines()[-1], result.stderr.strip().splitlines()[-1]
-        assert not (tmp_path / "study").exists()
+        with pytest.raises(ValueError) as err:
+            check_flags(load_config(str(write_study(tmp_path, **overrides))))
+        assert message in str(err.value)
+    # the command line: one error line, exit code 2, nothing written
+    result = grid(write_study(tmp_path, seeds=[3, 3]), timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: grid config seeds [3, 3] give seed(s) [3] more than once")
+    assert not (tmp_path / "study").exists()
 
 
-def test_plan_covers_the_study(tmp_path, corpus_dir):
-    config = load_config(str(study(tmp_path, corpus_dir, upstream=["en", "de"], downstream=["ca", "en"], transfer_base=True)))
-    kinds = [step.kind for step in plan(config)]
-    # init base, 2 fine-tunes, 3 prunes (base + 2), (2 + base) x 2 downstream x 2 sparsities, 2 IoU
-    assert kinds == ["init"] + ["finetune"] * 2 + ["prune"] * 3 + ["transfer"] * 12 + ["iou"] * 2
+def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):
+    config = load_config(str(write_study(tmp_path, upstream=["en", "de"], downstream=["ca", "en"], sparsities=[0.5, 0.8], seeds=[0], transfer_base=True)))
+    steps = plan(config)
+    # init base, 2 fine-tunes, (base + 2) x 2 sparsities prunes, (2 + base) x 2 downstream x 2 sparsities, 2 IoU
+    assert [s.kind for s in steps] == ["init"] + ["finetune"] * 2 + ["prune"] * 6 + ["transfer"] * 12 + ["iou"] * 2
+    position = {s.id: i for i, s in enumerate(steps)}
+    assert all(position[n] < position[s.id] for s in steps for n in s.needs)  # dependency order
     demo = plan(load_config(str(ROOT / "configs" / "demo.yaml")))
     assert [s.kind for s in demo[:4]] == ["corpus", "init", "pretrain", "finetune"]
     assert demo[3].settings["model_name_or_path"] == demo[2].settings["output_dir"]  # upstream models start from the pretrained base
     assert load_config(str(ROOT / "configs" / "paper.yaml")).downstream == ["ca", "ast", "xh", "en", "de", "fr", "es", "pl"]
-    assert len(plan(load_config(str(ROOT / "configs" / "paper.yaml")))) == 5 + 6 + 6 * 8 * 3 + 3
+    assert len(plan(load_config(str(ROOT / "configs" / "paper.yaml")))) == 5 + 6 * 3 + 6 * 8 * 3 + 3
+    # Two seeds add the seed-to-seed IoU of every ticket, per sparsity.
+    seeds = plan(load_config(str(write_study(tmp_path, "two.yaml"))))
+    across = [s for s in seeds if s.id.startswith("iou-seeds/")]
+    assert [s.id for s in across] == ["iou-seeds/sparsity-0.80"]
+    assert [m.split("=")[0] for m in across[0].settings["masks"]] == ["en@0", "en@1", "base@0", "base@1"]
+
+    def digests(**overrides):
+        return {s.id: s.digest for s in plan(load_config(str(write_study(tmp_path, "edit.yaml", **overrides))))}
+
+    before = digests()
+    same = digests(note="a note", finetune=study_config(tmp_path)["finetune"] | {"logging_steps": 5, "disable_tqdm": False})
+    assert same == before  # runtime-only flags and notes change nothing
+    lr = digests(transfer=study_config(tmp_path)["transfer"] | {"learning_rate": 1e-3})
+    assert {k for k in before if lr[k] != before[k]} == {"seed-0/transfer/en-ca/sparsity-0.80", "seed-1/transfer/en-ca/sparsity-0.80"}
+    ft = digests(finetune=study_config(tmp_path)["finetune"] | {"num_train_epochs": 2})
+    assert {k for k in before if ft[k] != before[k]} == {f"seed-{s}/{x}" for s in (0, 1) for x in (
+        "finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80", "iou/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
 
 
-def test_killed_grid_resumes_without_redoing_steps(tmp_path, corpus_dir):
-    path = study(tmp_path, corpus_dir, data={"data_dir": str(corpus_dir / "{language}")})
+@pytest.fixture(scope="module")
+def finished_study(corpus_dir, tmp_path_factory):
+    """A two-seed study killed mid-way and resumed; returns (config path, first-run info)."""
+    tmp_path = tmp_path_factory.mktemp("grid")
+    path = write_study(tmp_path, data={"data_dir": str(corpus_dir / "{language}")})
     # data_dir holds a {language} placeholder: each script gets its own language's folder.
-    command = [sys.executable, str(ROOT / "run_grid.py"), "--config", str(path)]
-    dry = subprocess.run([*command, "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert dry.returncode == 0 and dry.stdout.strip().endswith("# 8 of 8 steps to run")
+    dry = grid(path, "--dry_run", timeout=120)
+    assert dry.returncode == 0 and dry.stdout.strip().endswith("# 13 of 13 steps to run (0 of them stale)")
     assert f"--data_dir {corpus_dir / 'en'}" in dry.stdout and f"--data_dir {corpus_dir / 'ca'}" in dry.stdout
+    assert "# seed-0/transfer/en-ca/sparsity-0.80 (after seed-0/prune/en/sparsity-0.80)" in dry.stdout
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_grid.py"), "--config", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     steps_dir = tmp_path / "study" / "steps"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         records = [json.loads(p.read_text()) for p in steps_dir.glob("*.json")] if steps_dir.is_dir() else []
-        if sum(r["status"] == "done" for r in records) >= 4:  # base, fine-tune and both prunes finished
+        if sum(r["status"] == "done" for r in records) >= 4:  # base, fine-tune and both prunes of seed 0 finished
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = {p.name for p in steps_dir.glob("*.json") if json.loads(p.read_text())["status"] == "done"}
-    assert len(done_before) >= 4
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = grid(path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ran, skipped = map(int, re.search(r"ran (\d+) step\(s\), skipped (\d+)", result.stdout).groups())
-    assert skipped == len(done_before) and ran == 8 - skipped
+    return path, done_before, result.stdout
+
+
+def test_killed_grid_resumes_without_redoing_steps(finished_study):
+    path, done_before, stdout = finished_study
+    study = path.parent / "study"
+    assert len(done_before) >= 4
+    ran, skipped = map(int, re.search(r"ran (\d+) step\(s\), skipped (\d+)", stdout).groups())
+    assert skipped == len(done_before) and ran == 13 - skipped
     for name in done_before:  # finished steps were not run again
-        assert f"{name.removesuffix('.json').replace('__', '/')}: done already" in result.stdout
-    records = {p.name: json.loads(p.read_text()) for p in steps_dir.glob("*.json")}
-    assert len(records) == 8 and all(r["status"] == "done" and r["command"] and r["settings"] for r in records.values())
-    report = (tmp_path / "study" / "REPORT.md").read_text()
-    rows = [json.loads(p.read_text()) for p in (tmp_path / "study").glob("seed-0/transfer/*/*/results.json")]
-    assert len(rows) == 2
-    for row in rows:
-        assert f"{100 * row['test_cer']:.2f}" in report
-    assert (tmp_path / "study" / "figures" / "iou_heatmap_0.80.png").is_file()
-    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert "ran 0 step(s), skipped 8" in again.stdout
+        assert f"{name.removesuffix('.json').replace('__', '/')}: done already" in stdout
+    records = {p.name: json.loads(p.read_text()) for p in (study / "steps").glob("*.json")}
+    assert len(records) == 13 and all(r["status"] == "done" and r["command"] and r["identity"] for r in records.values())
+    assert (study / "figures" / "iou_heatmap_0.80.png").is_file()
+    again = grid(path, timeout=120)
+    assert "ran 0 step(s), skipped 13" in again.stdout
 
 
-def _row(up, down, s, cer, seed=0):
-    return {"upstream": up, "downstream": down, "sparsity": s, "test_cer": cer, "seed": seed}
+def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_study):
+    path, _, _ = finished_study
+    study = path.parent / "study"
+    csv_rows = {(r["seed"]): r for r in __import__("csv").DictReader(open(study / "results.csv"))}
+    per_seed = []
+    for seed in (0, 1):
+        out = study / f"seed-{seed}" / "transfer" / "en-ca" / "sparsity-0.80"
+        result = json.loads((out / "results.json").read_text())
+        rows = read_predictions(out / "predictions_test.jsonl", result["test_cer"], result["test_samples"])
+        per_seed.append(([r.char_edits for r in rows], [r.ref_chars for r in rows]))
+        ci = rate_interval(Rates.from_seeds([per_seed[-1]]))
+        assert float(csv_rows[str(seed)]["test_cer_low"]) == pytest.approx(ci.low) and float(csv_rows[str(seed)]["test_cer_high"]) == pytest.approx(ci.high)
+        assert ci.low <= result["test_cer"] <= ci.high
+    report = (study / "REPORT.md").read_text()
+    pooled = rate_interval(Rates.from_seeds(per_seed))
+    seed_cers = Rates.from_seeds(per_seed).per_seed()
+    assert f"{100 * pooled.estimate:.2f} ± {100 * np.std(seed_cers, ddof=1):.2f} [{100 * pooled.low:.2f}, {100 * pooled.high:.2f}]" in report
+    # The seed-to-seed IoU: the en tickets of seeds 0 and 1, against a numpy reference on the masks.
+    seeds_iou = json.loads((study / "iou-seeds" / "sparsity-0.80" / "iou.json").read_text())
+    pair = next(r for r in seeds_iou["pairs"] if {r["a"], r["b"]} == {"en@0", "en@1"})
+    a, b = (load_mask(study / f"seed-{s}" / "tickets" / "en" / "sparsity-0.80") for s in (0, 1))
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    assert pair["iou"] == pytest.approx(inter / union, abs=1e-12)
+    assert pair["chance_corrected"] == pytest.approx((pair["iou"] - pair["random_iou"]) / (1 - pair["random_iou"]))
+    assert "Noise floor at 80%" in report and f"| **en** | {100 * pair['iou']:.2f} |" in report
+    assert (study / "figures" / "iou_noise_floor_0.80.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_edited_settings_make_exactly_their_steps_stale_and_rerun_resumes(finished_study, tmp_path):
+    path, _, _ = finished_study
+    study = path.parent / "study"
+    config = yaml.safe_load(path.read_text())
+    edited = path.parent / "edited.yaml"
+    # A finished study with a fine-tuning setting changed: the fine-tunes and everything downstream are stale.
+    edited.write_text(yaml.safe_dump(config | {"finetune": config["finetune"] | {"learning_rate": 1e-3}}))
+    dry = grid(edited, "--dry_run", timeout=120)
+    stale = set(re.findall(r"^# stale: (\S+)", dry.stdout, re.M))
+    assert stale == {f"seed-{s}/{x}" for s in (0, 1) for x in ("finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80", "iou/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
+    assert "# stale: seed-0/finetune/en (learning_rate: 0.002 when it ran, 0.001 now)" in dry.stdout
+    # A transfer setting changed: a normal run stops before any work, naming them.
+    edited.write_text(yaml.safe_dump(config | {"transfer": config["transfer"] | {"learning_rate": 1e-3}, "note": "edited"}))
+    before = {p: p.read_bytes() for p in study.glob("seed-*/transfer/*/*/results.json")}
+    result = grid(edited, timeout=120)
+    assert result.returncode == 2
+    assert "2 finished step(s) are stale: seed-0/transfer/en-ca/sparsity-0.80 (learning_rate: 0.002 when it ran, 0.001 now)" in result.stderr.strip().splitlines()[-1]
+    assert {p: p.read_bytes() for p in before} == before
+    # --rerun_stale, killed after the first re-run finished, then completed by a plain re-run.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_grid.py"), "--config", str(edited), "--rerun_stale"], cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = study / "seed-0" / "transfer" / "en-ca" / "sparsity-0.80" / "results.json"
+    deadline = time.time() + 300
+    while not (first.is_file() and json.loads(first.read_text())["learning_rate"] == 1e-3) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the old result is moved aside first, then the re-run writes the new one
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.is_file() and json.loads(first.read_text())["learning_rate"] == 1e-3
+    moved = list((study / "stale").glob("*/seed-*__transfer__en-ca__sparsity-0.80/results.json"))
+    assert {m.read_bytes() for m in moved} == set(before.values())  # the old results moved aside, not lost
+    result = grid(edited)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"ran 1 step\(s\), skipped 12", result.stdout), result.stdout[-2000:]
+    for p in before:
+        assert json.loads(p.read_text())["learning_rate"] == 1e-3
+    nothing = grid(edited, "--rerun_stale", timeout=120)
+    assert nothing.returncode == 0 and "no step is stale" in nothing.stdout and "ran 0 step(s), skipped 13" in nothing.stdout
+
+
+def _utterances(edits, lengths):
+    return [Utterance(f"{i}.wav", "x" * n, "", e, n, 1, 1) for i, (e, n) in enumerate(zip(edits, lengths))]
+
+
+def _row(up, down, s, edits, lengths, seed=0):
+    return {"upstream": up, "downstream": down, "sparsity": s, "seed": seed, "test_cer": sum(edits) / sum(lengths), "utterances": _utterances(edits, lengths)}
 
 
 def test_report_numbers_match_the_inputs(tmp_path):
+    n = [10, 20, 10, 20]
     rows = [
-        _row("en", "ca", 0.9, 0.30), _row("en", "en", 0.9, 0.10), _row("en", "de", 0.9, 0.40),
-        _row("de", "ca", 0.9, 0.35), _row("de", "en", 0.9, 0.50), _row("de", "de", 0.9, 0.20),
-        _row("en", "ca", 0.9, 0.32, seed=1),  # a second seed: its cell is the mean, 31.00 ± 1.00
+        _row("en", "ca", 0.9, [3, 6, 3, 6], n), _row("en", "en", 0.9, [1, 2, 1, 2], n), _row("en", "de", 0.9, [4, 8, 4, 8], n),
+        _row("de", "ca", 0.9, [3, 7, 4, 7], n), _row("de", "en", 0.9, [5, 10, 5, 10], n), _row("de", "de", 0.9, [2, 4, 2, 4], n),
+        _row("en", "ca", 0.9, [3, 7, 3, 7], n, seed=1), _row("de", "ca", 0.9, [4, 7, 4, 7], n, seed=1),
     ]
     table, numbers = cer_table(rows, 0.9, ["en", "de"], ["ca", "en", "de"])
     lines = table.splitlines()
     assert lines[0] == "| upstream ticket \\ downstream | ca | en | de | avg non-matching |"
-    assert lines[2] == "| **en** | **31.00 ± 1.00** | **10.00** † | 40.00 | 35.50 |"
-    assert lines[3] == "| **de** | 35.00 | 50.00 | **20.00** † | 42.50 |"
-    assert numbers["avg_non_matching"]["en"] == pytest.approx((0.31 + 0.40) / 2)
+    en_ca = Rates.from_seeds([([3, 6, 3, 6], n), ([3, 7, 3, 7], n)])  # 30% and 33.33%: pooled 31.67, sd 2.36
+    ci = rate_interval(en_ca)
+    assert lines[2].startswith(f"| **en** | **31.67 ± 2.36 [{100 * ci.low:.2f}, {100 * ci.high:.2f}]** | **10.00 [")
+    assert numbers["cells"]["en->ca"] == pytest.approx(19 / 60)
+    assert numbers["avg_non_matching"]["en"] == pytest.approx((19 / 60 + 0.4) / 2)
+    assert numbers["avg_non_matching"]["de"] == pytest.approx((43 / 120 + 0.5) / 2)
+    paired, diffs = paired_table(rows, 0.9, ["en", "de"], ["ca", "en", "de"])
+    de_ca = Rates.from_seeds([([3, 7, 4, 7], n), ([4, 7, 4, 7], n)])
+    expected = paired_difference_interval({"ca": de_ca}, {"ca": en_ca})
+    assert diffs["de-en@ca"] == {"estimate": pytest.approx(expected.estimate), "low": expected.low, "high": expected.high}
+    assert f"{100 * expected.estimate:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]" in paired
     iou = {
         "labels": ["en", "de", "base"], "matrix": [[1, 0.8, 0.7], [0.8, 1, 0.6], [0.7, 0.6, 1]],
         "random_matrix": [[float("nan"), 0.05, 0.05], [0.05, float("nan"), 0.05], [0.05, 0.05, float("nan")]],
-        "random_baseline": 0.0526, "density": 0.1, "pairs": [], "layers": [
+        "random_baseline": 0.05, "density": 0.1, "pairs": [], "layers": [
             {"a": "en", "b": "base", "group_kind": "layer", "group": "0", "iou": 0.7, "random_iou": 0.05},
             {"a": "de", "b": "base", "group_kind": "layer", "group": "0", "iou": 0.6, "random_iou": 0.05},
         ],
     }
-    path = write_report(tmp_path, rows, {0.9: iou}, ["en", "de"], ["ca", "en", "de"], "Test study")
+    seeds = {"pairs": [
+        {"a": "en@0", "b": "en@1", "iou": 0.5, "random_iou": 0.05}, {"a": "en@0", "b": "de@0", "iou": 0.4, "random_iou": 0.05},
+        {"a": "en@1", "b": "de@1", "iou": 0.44, "random_iou": 0.05}, {"a": "de@0", "b": "de@1", "iou": 0.6, "random_iou": 0.05},
+    ], "layers": []}
+    path = write_report(tmp_path, rows, {0.9: iou}, ["en", "de"], ["ca", "en", "de"], "Test study", seed_ious={0.9: seeds})
     text = path.read_text()
     assert "## Sparsity 90%" in text and lines[2] in text
-    assert "| **en** | 1 | 80.00 | 70.00 |" in text and "5.26%" in text
+    # diagonal 100; chance-corrected (0.8 - 0.05) / 0.95 = 78.95
+    assert "| **en** | 100 | 80.00 (78.95) | 70.00 (68.42) |" in text and "5.00%" in text
+    # noise floor: en across seeds 50, chance-corrected 47.37; en vs de within a seed: mean 42 over [40, 44]
+    assert "| **en** | 50.00 | 47.37 | 42.00 [40.00, 44.00] | 38.95 [36.84, 41.05] |" in text
     for png in ("cer_vs_sparsity.png", "iou_heatmap_0.90.png", "iou_layers_0.90.png"):
         assert (tmp_path / "figures" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_runs_on_different_test_sets(tmp_path):
+    rows = [_row("en", "ca", 0.9, [3, 6], [10, 20]), _row("de", "ca", 0.9, [3, 6, 1], [10, 20, 5])]
+    with pytest.raises(ValueError, match="en->ca seed 0 was tested on other utterances than de->ca seed 0: expected the same ca test set"):
+        cer_table(rows, 0.9, ["en", "de"], ["ca"])

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from transformers import AutoConfig, EvalPrediction, TrainingArguments, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
@@ -37,6 +38,7 @@ def test_references_are_the_dataset_text_not_decoded_labels(tmp_path):
     model = Wav2Vec2ForCTC(AutoConfig.from_pretrained(TINY_CONFIG, vocab_size=len(v)))
     trainer = CTCTrainer(model=model, args=args, processing_class=processor)
     trainer._references = ["cut", "hello"]  # "u" is not in the training vocabulary
+    trainer._ids = ["a.wav", "b.wav"]
     labels = np.array([[v["c"], v["[UNK]"], v["t"], -100, -100], [v[c] for c in "hello"]])
     predictions = np.array([[v["c"], v["[UNK]"], v["t"], -100, -100], [v[c] for c in "helo"] + [-100]])
     metrics = trainer._error_rates(EvalPrediction(predictions=predictions, label_ids=labels))
@@ -63,3 +65,24 @@ def test_prediction_step_blanks_padding_frames(tmp_path):
     assert torch.all(pred_ids[0] == 0)
     assert torch.all(pred_ids[1, : frames[1]] == 0)
     assert torch.all(pred_ids[1, frames[1] :] == config.pad_token_id)
+
+
+def test_per_utterance_rows_sum_to_jiwer_corpus_rates(tmp_path):
+    from utils.metrics import corpus_rates, predictions_path, read_predictions, score_utterances, write_predictions
+
+    refs = ["kitten", "a b", "hello world", "l'home és"]
+    hyps = ["sitting", "a c", "", "lome es x"]
+    rows = score_utterances(["k.wav", "ab.wav", "hw.wav", "lh.wav"], refs, hyps)
+    assert [(r.char_edits, r.ref_chars, r.word_edits, r.ref_words) for r in rows[:3]] == [(3, 6, 1, 1), (1, 3, 1, 2), (11, 11, 2, 2)]
+    expected = error_rates(refs, hyps)
+    assert corpus_rates(rows) == expected  # the same integers divided: exactly equal
+    path = predictions_path(tmp_path, "test")
+    write_predictions(path, rows)
+    assert read_predictions(path, expect_cer=expected["cer"], expect_count=4) == rows
+    with pytest.raises(ValueError, match="holds 4 utterances but its results report 5"):
+        read_predictions(path, expect_count=5)
+    with pytest.raises(ValueError, match="sums to CER .* but its results report 0.500000"):
+        read_predictions(path, expect_cer=0.5)
+    path.write_text(path.read_text() + "not json\n")
+    with pytest.raises(ValueError, match="line 5 is not a predictions row"):
+        read_predictions(path)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY_CONFIG
 from utils.masks import load_mask
+from utils.metrics import read_predictions
 
 TRAIN = ["--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--adam_beta2", "0.98", "--warmup_steps", "5",
          "--freeze_feature_encoder", "False", "--disable_tqdm", "True", "--seed", "3"]
@@ -73,7 +74,9 @@ def test_cross_language_freezes_first_epoch_and_holds_mask(tickets, corpus_dir, 
     nonzero_kept = sum(int(torch.count_nonzero(final[n][k])) for n, k in mask.items())
     assert results["measured_sparsity"] == pytest.approx(1 - nonzero_kept / total)
     assert results["measured_sparsity"] >= pruned / total
-    assert 0 <= results["test_cer"] and results["steps"] == 30  # 240 clips / 8 / 2 accumulation * 2 epochs
+    assert results["steps"] == 30  # 240 clips / 8 / 2 accumulation * 2 epochs
+    rows = read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"], expect_count=results["test_samples"])
+    assert results["test_wer"] == sum(r.word_edits for r in rows) / sum(r.ref_words for r in rows)
     assert results["eval_loss"] == pytest.approx(json.loads((out / "trainer_state.json").read_text())["best_metric"])
 
 
@@ -141,6 +144,9 @@ def test_two_processes_agree_and_hold_the_mask(tickets, corpus_dir, tmp_path):
     assert len(set(digests.values())) == 1  # both ranks end with identical weights
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["mask_held"] is True and results["frozen_in_epochs"] == [1]
+    # rank 0 alone wrote the per-utterance rows, all of them, in dataset order
+    rows = read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"], expect_count=results["test_samples"])
+    assert [r.id for r in rows] == [f"{i:06d}.wav" for i in range(24)]
     final = load_file(out / "model.safetensors")
     assert all(torch.all(final[n][~k] == 0) for n, k in load_mask(tickets / "tickets" / "en" / "sparsity-0.80").items())
 

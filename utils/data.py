@@ -2,8 +2,9 @@
 vocabulary built from the training split only, feature extraction with counted skips, and the
 padding collator.
 
-Every source ends as a ``DatasetDict`` with splits ``train``/``validation``/``test`` and two columns:
-``audio`` (an ``Audio(sampling_rate=16000, decode=False)`` feature, decoded row by row in
+Every source ends as a ``DatasetDict`` with splits ``train``/``validation``/``test`` and three
+columns: ``id`` (the clip's file name, or the dataset's own id: what per-utterance predictions are
+keyed by), ``audio`` (an ``Audio(sampling_rate=16000, decode=False)`` feature, decoded row by row in
 ``prepare_features`` so that one unreadable file is a counted skip rather than a crash) and ``text``.
 """
 
@@ -177,8 +178,8 @@ def load_raw_splits(args: DataArguments, language: Language) -> DatasetDict:
     return splits
 
 
-def _audio_text_dataset(paths: list[str], texts: list[str]) -> Dataset:
-    dataset = Dataset.from_dict({"audio": paths, "text": texts})
+def _audio_text_dataset(paths: list[str], texts: list[str], ids: list[str]) -> Dataset:
+    dataset = Dataset.from_dict({"id": ids, "audio": paths, "text": texts})
     return dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
 
 
@@ -200,17 +201,18 @@ def load_local_splits(data_dir: str) -> DatasetDict:
             if missing_columns:
                 raise ValueError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
             rows = list(reader)
-        paths, texts, missing = [], [], []
+        paths, texts, ids, missing = [], [], [], []
         for row in rows:
             path = root / split / row["file_name"]
             if path.is_file():
                 paths.append(str(path))
                 texts.append(row["transcription"] or "")
+                ids.append(row["file_name"])
             else:
                 missing.append(row["file_name"])
         if missing:
             logger.warning("%s: skipped %d of %d rows whose audio file is missing (e.g. %s)", metadata, len(missing), len(rows), missing[0])
-        splits[split] = _audio_text_dataset(paths, texts)
+        splits[split] = _audio_text_dataset(paths, texts, ids)
     return DatasetDict(splits)
 
 
@@ -232,7 +234,7 @@ def load_fleurs_split(config: str, split: str, revision: Optional[str] = None) -
         ) from err
     audio_dir = _extract_once(archive)
     by_name = {p.name: p for p in audio_dir.rglob("*.wav")}
-    paths, texts, missing = [], [], 0
+    paths, texts, ids, missing = [], [], [], 0
     with open(tsv, encoding="utf-8") as f:
         for line in f:
             columns = line.rstrip("\n").split("\t")
@@ -244,9 +246,10 @@ def load_fleurs_split(config: str, split: str, revision: Optional[str] = None) -
                 continue
             paths.append(str(path))
             texts.append(columns[3])
+            ids.append(columns[1])
     if missing:
         logger.warning("FLEURS %s/%s: skipped %d rows whose audio is not in the archive", config, split, missing)
-    return _audio_text_dataset(paths, texts)
+    return _audio_text_dataset(paths, texts, ids)
 
 
 def _extract_once(archive: str) -> Path:
@@ -277,10 +280,25 @@ def load_hub_splits(args: DataArguments, language: Language) -> DatasetDict:
                     f"{args.dataset_name} split {name!r} has no column {column!r}: columns are {dataset.column_names} "
                     "(set --audio_column_name / --text_column_name)"
                 )
+        ids = _hub_ids(dataset, args.audio_column_name)
         dataset = dataset.select_columns([args.audio_column_name, args.text_column_name])
         dataset = dataset.rename_columns({args.audio_column_name: "audio", args.text_column_name: "text"})
+        dataset = dataset.add_column("id", ids)
         splits[split] = dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
     return DatasetDict(splits)
+
+
+def _hub_ids(dataset: Dataset, audio_column: str) -> list[str]:
+    """Utterance ids of a Hub split: its ``id`` or ``path`` column, else the audio file names,
+    else the row numbers; row numbers too when those are not unique."""
+    for column in ("id", "path"):
+        if column in dataset.column_names:
+            ids = [str(v) for v in dataset[column]]
+            break
+    else:
+        audio = dataset.cast_column(audio_column, Audio(decode=False))[audio_column]
+        ids = [os.path.basename(a.get("path") or "") for a in audio]
+    return ids if all(ids) and len(set(ids)) == len(ids) else [str(i) for i in range(len(dataset))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +350,7 @@ def prepare_features(
 
     features = Features(
         {
+            "id": Value("string"),
             "text": Value("string"),
             "input_values": List(Value("float32")),
             "labels": List(Value("int32")),

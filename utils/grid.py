@@ -7,15 +7,25 @@ command of ours with a file that marks it done, so a killed grid resumes where i
 
     <output_dir>/seed-<seed>/finetune/<upstream>/            run_finetune.py output
     <output_dir>/seed-<seed>/tickets/<upstream|base>/sparsity-0.80/
-    <output_dir>/seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/results.json
+    <output_dir>/seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/results.json, predictions_test.jsonl
     <output_dir>/seed-<seed>/iou/sparsity-0.80/iou.json
-    <output_dir>/steps/<step>.json     command, settings, status, time of each step run
+    <output_dir>/iou-seeds/sparsity-0.80/iou.json   every ticket of every seed (with two seeds or more)
+    <output_dir>/steps/<step>.json     command, settings, identity, status, time of each step run
     <output_dir>/logs/<step>.log       its output
+    <output_dir>/stale/<time>/<step>/  outputs of stale steps moved aside by --rerun_stale
     <output_dir>/REPORT.md, results.csv, figures/
+
+**Stale steps.** A step's identity is the flags the grid passes it (runtime-only flags such as
+logging or output paths left out, see ``utils.runs.RUNTIME_FIELDS``) together with the identities
+of the steps it needs. It is recorded when the step runs. A finished step whose recorded identity
+differs from the plan's (a config edit changed one of its settings, or one of a step it needs) is
+*stale*: the runner refuses to mix it with new results until ``--rerun_stale`` moves its outputs
+aside and runs it again. A config edit that changes nothing a step depends on leaves it done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -29,8 +39,8 @@ from typing import Any, Optional
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
 from .model import has_local_config_only
-from .runs import write_json_atomic
-from .tickets import local_ticket_dir, sparsity_dir, ticket_dirs
+from .runs import RUNTIME_FIELDS, first_difference, write_json_atomic
+from .tickets import local_ticket_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +69,9 @@ class StudyConfig:
     note: Optional[str] = None
 
 
-def load_config(path: str) -> StudyConfig:
-    """Read and validate a study config; every problem is one clear error before any work."""
+def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of a config file; ``extends: other.yaml`` (relative to this file) starts from
+    that file's settings and replaces the top-level keys this one gives."""
     import yaml
 
     try:
@@ -69,6 +80,18 @@ def load_config(path: str) -> StudyConfig:
         raise FileNotFoundError(f"grid config {path!r} does not exist") from None
     if not isinstance(raw, dict):
         raise ValueError(f"grid config {path!r} is not a mapping of settings")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = str(Path(path).parent / str(parent))
+    if os.path.realpath(parent_path) in seen:
+        raise ValueError(f"grid config {path!r} extends {parent!r}, which extends it again: expected a chain that ends")
+    return _read_config(parent_path, seen + (os.path.realpath(path),)) | raw
+
+
+def load_config(path: str) -> StudyConfig:
+    """Read and validate a study config; every problem is one clear error before any work."""
+    raw = _read_config(path)
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -80,8 +103,11 @@ def load_config(path: str) -> StudyConfig:
     config.upstream = [resolve_language(code).code for code in config.upstream]
     config.downstream = [resolve_language(code).code for code in config.downstream]
     config.sparsities = sorted({check_sparsity(s) for s in config.sparsities})
-    if not config.seeds or not all(isinstance(s, int) for s in config.seeds):
+    if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
         raise ValueError(f"grid config seeds {config.seeds!r}: expected a list of integers")
+    repeated = sorted({s for s in config.seeds if config.seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"grid config seeds {config.seeds!r} give seed(s) {repeated} more than once: expected distinct seeds")
     if config.pretrain:
         if config.data.get("dataset_name") != "generated" or "mixture" not in config.pretrain:
             raise ValueError("grid config 'pretrain' needs data.dataset_name: generated and a pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
@@ -106,6 +132,13 @@ class Step:
     argv: list[str]
     done: Path  # this file exists once the step has finished
     settings: dict[str, Any]
+    output: Path  # what the step writes: moved aside when a stale step is re-run
+    needs: list[str] = field(default_factory=list)  # ids of the steps that must finish first
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
 
 
 def _flags(settings: dict[str, Any]) -> list[str]:
@@ -124,13 +157,38 @@ def _data_flags(data: dict[str, Any], language: str) -> dict[str, Any]:
     return {k: v.format(language=language) if isinstance(v, str) else v for k, v in data.items()}
 
 
+class _Planner:
+    """Collects steps in dependency order and gives each its identity (own settings that can
+    change its result + the digests of the steps it needs)."""
+
+    def __init__(self):
+        self.steps: list[Step] = []
+        self.by_id: dict[str, Step] = {}
+
+    def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str]) -> Step:
+        needs = [n for n in needs if n in self.by_id]
+        identity = {
+            "settings": {k: v for k, v in settings.items() if k not in RUNTIME_FIELDS},
+            "needs": {n: self.by_id[n].digest for n in needs},
+        }
+        step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)))
+        self.steps.append(step)
+        self.by_id[id] = step
+        return step
+
+
+def prune_step_id(seed: int, label: str, sparsity: float) -> str:
+    return f"seed-{seed}/prune/{label}/sparsity-{sparsity:.2f}"
+
+
 def plan(config: StudyConfig) -> list[Step]:
     """Every step of the study, in an order that respects their dependencies."""
     out = Path(config.output_dir)
     python = [sys.executable]
     launch = shlex.split(config.launcher) if config.launcher != "python" else python
-    steps = []
+    p = _Planner()
     pretrain = {k: v for k, v in config.pretrain.items() if k not in ("mixture", "num_train")}
+    corpus_id = None
     if config.pretrain:  # a multilingual mixture of the generated corpus to pretrain the base on
         corpus = Path(config.data.get("generated_corpus_dir", "~/.cache/language-tickets/generated-corpus")).expanduser()
         settings = {
@@ -140,59 +198,122 @@ def plan(config: StudyConfig) -> list[Step]:
             "num_train": config.data.get("generated_num_train", 2000),
             "num_eval": config.data.get("generated_num_eval", 200),
         }
-        steps.append(Step("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings))
+        corpus_id = p.add("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings, corpus / "mul", []).id
     for seed in config.seeds:
         root = out / f"seed-{seed}"
-        base = config.model
+        base, base_step = config.model, None
         if has_local_config_only(config.model):  # a tiny model with no pretrained weights: initialise the study's base
             base = str(root / "base-model")
-            steps.append(Step(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", "--init_from_config", config.model, "--output_dir", base, "--seed", str(seed)],
-                              Path(base) / "config.json", {"model": config.model, "seed": seed}))
+            settings = {"init_from_config": config.model, "output_dir": base, "seed": seed}
+            base_step = p.add(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id
         if config.pretrain:
             target = root / "pretrain"
             settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **pretrain}
-            steps.append(Step(f"seed-{seed}/pretrain", "pretrain", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json", settings))
+            base_step = p.add(f"seed-{seed}/pretrain", "pretrain", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+                              settings, target, [corpus_id, base_step]).id
             base = str(target)
         for up in config.upstream:
             target = root / "finetune" / up
             settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
-            steps.append(Step(f"seed-{seed}/finetune/{up}", "finetune", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json", settings))
-        sources = [("base", base)] if config.prune_base else []
-        sources += [(up, str(root / "finetune" / up)) for up in config.upstream]
-        for label, source in sources:
-            # Every ticket lands in tickets/<label>/sparsity-X.XX/, whatever the number of sparsities.
-            target = root / "tickets" / label
-            if len(config.sparsities) == 1:
-                target = sparsity_dir(target, config.sparsities[0])
-            settings = {"model_name_or_path": source, "language": label, "sparsity": config.sparsities, "output_dir": str(target), "seed": seed, **config.prune}
-            done = ticket_dirs(target, config.sparsities)[config.sparsities[-1]] / MASK_FILE
-            steps.append(Step(f"seed-{seed}/prune/{label}", "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], done, settings))
+            p.add(f"seed-{seed}/finetune/{up}", "finetune", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+                  settings, target, [base_step])
+        sources = [("base", base, base_step)] if config.prune_base else []
+        sources += [(up, str(root / "finetune" / up), f"seed-{seed}/finetune/{up}") for up in config.upstream]
+        for label, source, parent in sources:
+            for s in config.sparsities:  # one step per ticket, so adding a sparsity leaves the others done
+                target = local_ticket_dir(root / "tickets", label, s)
+                settings = {"model_name_or_path": source, "language": label, "sparsity": s, "output_dir": str(target), "seed": seed, **config.prune}
+                p.add(prune_step_id(seed, label, s), "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], target / MASK_FILE,
+                      settings, target, [parent])
         tickets_from = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
         for up in tickets_from:
             for down in config.downstream:
                 for s in config.sparsities:
                     target = root / "transfer" / f"{up}-{down}" / f"sparsity-{s:.2f}"
                     settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(root / "tickets"), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
-                    steps.append(Step(f"seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch, str(ROOT / "run_transfer.py"), *_flags(settings)], target / "results.json", settings))
-        labels = config.upstream
+                    p.add(f"seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch, str(ROOT / "run_transfer.py"), *_flags(settings)],
+                          target / "results.json", settings, target, [prune_step_id(seed, up, s)])
+        labels = config.upstream + (["base"] if config.prune_base else [])
         for s in config.sparsities:
+            if len(labels) < 2:
+                continue
             target = root / "iou" / f"sparsity-{s:.2f}"
-            masks = [f"{up}={local_ticket_dir(root / 'tickets', up, s)}" for up in labels]
+            masks = [f"{label}={local_ticket_dir(root / 'tickets', label, s)}" for label in config.upstream]
             settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(local_ticket_dir(root / "tickets", "base", s))} if config.prune_base else {})
-            if len(masks) + config.prune_base >= 2:
-                steps.append(Step(f"seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json", settings))
-    return steps
+            p.add(f"seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+                  settings, target, [prune_step_id(seed, label, s) for label in labels])
+    if len(config.seeds) >= 2:  # the noise floor: tickets of the same language from different seeds
+        labels = config.upstream + (["base"] if config.prune_base else [])
+        for s in config.sparsities:
+            target = out / "iou-seeds" / f"sparsity-{s:.2f}"
+            masks = [f"{label}@{seed}={local_ticket_dir(out / f'seed-{seed}' / 'tickets', label, s)}" for label in labels for seed in config.seeds]
+            settings = {"masks": masks, "output_dir": str(target)}
+            p.add(f"iou-seeds/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+                  settings, target, [prune_step_id(seed, label, s) for label in labels for seed in config.seeds])
+    return p.steps
+
+
+def _step_file(output_dir: str, folder: str, step: Step, suffix: str) -> Path:
+    return Path(output_dir) / folder / (step.id.replace("/", "__") + suffix)
 
 
 def step_record_path(output_dir: str, step: Step) -> Path:
-    return Path(output_dir) / "steps" / (step.id.replace("/", "__") + ".json")
+    return _step_file(output_dir, "steps", step, ".json")
+
+
+def step_log_path(output_dir: str, step: Step) -> Path:
+    return _step_file(output_dir, "logs", step, ".log")
+
+
+@dataclass
+class StepState:
+    state: str  # done, stale, todo
+    reason: str = ""
+
+
+def step_states(config: StudyConfig, steps: list[Step]) -> dict[str, StepState]:
+    """Each step's state from its done file and its record: ``todo`` (not finished), ``done``, or
+    ``stale`` (finished with another identity than the plan's; ``reason`` names what changed)."""
+    states = {}
+    for step in steps:
+        if not step.done.exists():
+            states[step.id] = StepState("todo")
+            continue
+        path = step_record_path(config.output_dir, step)
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("identity") if path.is_file() else None
+        if recorded is None or recorded == step.identity:
+            states[step.id] = StepState("done")
+            continue
+        difference = first_difference(recorded.get("settings", {}), step.identity["settings"])
+        if difference:
+            key, old, new, count = difference
+            more = f" and {count - 1} other setting(s)" if count > 1 else ""
+            reason = f"{key}: {old!r} when it ran, {new!r} now{more}"
+        else:
+            changed = [n for n in step.identity["needs"] if recorded.get("needs", {}).get(n) != step.identity["needs"][n]]
+            reason = f"needs {changed[0] if changed else 'a step'}, which changed" if changed else "the steps it needs changed"
+        states[step.id] = StepState("stale", reason)
+    return states
+
+
+def move_aside(config: StudyConfig, steps: list[Step], stamp: str) -> Path:
+    """Move the outputs of ``steps`` under ``<output_dir>/stale/<stamp>/`` (nothing is deleted),
+    so they run again from scratch."""
+    target = Path(config.output_dir) / "stale" / stamp
+    for step in steps:
+        if step.output.exists():
+            dest = target / step.id.replace("/", "__")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(step.output, dest)
+    return target
 
 
 def run_step(config: StudyConfig, step: Step) -> dict:
-    """Run one step as a subprocess, logging its output; record command, settings and outcome."""
-    log = Path(config.output_dir) / "logs" / (step.id.replace("/", "__") + ".log")
+    """Run one step as a subprocess, logging its output; record command, settings, identity and outcome."""
+    log = step_log_path(config.output_dir, step)
     log.parent.mkdir(parents=True, exist_ok=True)
-    record = {"id": step.id, "kind": step.kind, "command": shlex.join(step.argv), "settings": step.settings, "status": "running", "started": time.time()}
+    record = {"id": step.id, "kind": step.kind, "command": shlex.join(step.argv), "settings": step.settings, "identity": step.identity,
+              "needs": step.needs, "status": "running", "started": time.time()}
     write_json_atomic(step_record_path(config.output_dir, step), record)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w", encoding="utf-8") as f:
@@ -207,20 +328,31 @@ def run_step(config: StudyConfig, step: Step) -> dict:
     return record
 
 
-def collect(config: StudyConfig) -> tuple[list[dict], dict[float, dict]]:
-    """Transfer results of every seed, and IoU summaries per sparsity (matrices averaged over seeds)."""
+def collect(config: StudyConfig, steps: list[Step]) -> tuple[list[dict], dict[float, dict], dict[float, dict]]:
+    """What the finished steps wrote: transfer results (each with its per-utterance test rows,
+    checked against the result), IoU summaries per sparsity (matrices averaged over seeds), and the
+    seed-to-seed IoU summaries per sparsity."""
+    from .metrics import predictions_path, read_predictions
+
     rows = []
-    for path in sorted(Path(config.output_dir).glob("seed-*/transfer/*/sparsity-*/results.json")):
-        rows.append(json.loads(path.read_text(encoding="utf-8")))
+    for step in steps:
+        if step.kind == "transfer" and step.done.is_file():
+            result = json.loads(step.done.read_text(encoding="utf-8"))
+            result["utterances"] = read_predictions(predictions_path(step.output, "test"), result["test_cer"], result["test_samples"])
+            rows.append(result)
     ious: dict[float, dict] = {}
+    seed_ious: dict[float, dict] = {}
     for s in config.sparsities:
-        found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(Path(config.output_dir).glob(f"seed-*/iou/sparsity-{s:.2f}/iou.json"))]
-        if not found:
-            continue
-        merged = dict(found[0])
-        n = len(merged["labels"])
-        for key in ("matrix", "random_matrix"):
-            merged[key] = [[sum(f[key][i][j] for f in found) / len(found) for j in range(n)] for i in range(n)]
-        merged["seeds"] = len(found)
-        ious[s] = merged
-    return rows, ious
+        found = [json.loads(st.done.read_text(encoding="utf-8")) for st in steps
+                 if st.kind == "iou" and st.id.startswith("seed-") and st.id.endswith(f"sparsity-{s:.2f}") and st.done.is_file()]
+        if found:
+            merged = dict(found[0])
+            n = len(merged["labels"])
+            for key in ("matrix", "random_matrix"):
+                merged[key] = [[sum(f[key][i][j] for f in found) / len(found) for j in range(n)] for i in range(n)]
+            merged["seeds"] = len(found)
+            ious[s] = merged
+        across = [st for st in steps if st.id == f"iou-seeds/sparsity-{s:.2f}" and st.done.is_file()]
+        if across:
+            seed_ious[s] = json.loads(across[0].done.read_text(encoding="utf-8"))
+    return rows, ious, seed_ious

@@ -94,6 +94,11 @@ def random_iou(density_a: float, density_b: float) -> float:
     return both / (density_a + density_b - both) if density_a + density_b > 0 else 0.0
 
 
+def chance_corrected(iou: float, random: float) -> float:
+    """(IoU - random) / (1 - random): 0 for masks no closer than random ones, 1 for identical masks."""
+    return (iou - random) / (1 - random) if random < 1 else float("nan")
+
+
 def group_of(name: str) -> tuple[Optional[int], str]:
     """(layer index, module type) of a parameter name; ``None``/``other`` outside encoder layers."""
     layer = _LAYER.search(name)
@@ -115,9 +120,11 @@ def pair_rows(a: PackedMask, b: PackedMask, scratch: Optional[np.ndarray] = None
         ka, kb = sum(a.kept[n] for n in names), sum(b.kept[n] for n in names)
         size = sum(a.sizes[n] for n in names)
         union = ka + kb - i
+        iou, rnd = (i / union if union else 1.0), random_iou(ka / size, kb / size)
         return {
-            "iou": i / union if union else 1.0,
-            "random_iou": random_iou(ka / size, kb / size),
+            "iou": iou,
+            "random_iou": rnd,
+            "chance_corrected": chance_corrected(iou, rnd),
             "intersection": i,
             "union": union,
             "kept_a": ka,

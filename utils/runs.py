@@ -1,33 +1,74 @@
 """Run directories: atomic writes, and the signature that stops one run from overwriting another.
 
-Each script writes ``run_signature.json`` (what defines the run: script, language, data, model,
-...) into its output directory. Re-running the same command resumes from the last checkpoint; a
-directory that holds a different run, or files no script of ours wrote, is refused before
-anything is written.
+A run is defined by every setting that can change its result: all fields of its parsed argument
+dataclasses except the runtime-only ones listed in ``RUNTIME_FIELDS`` (where output goes, logging,
+progress bars, pushes, resuming, device and memory knobs). Each script records that signature as
+``run_signature.json`` in its output directory; re-running the same command resumes from the last
+checkpoint, and a directory that holds a run with other settings, or files no script of ours
+wrote, is refused before anything is written, naming the first setting that differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from transformers.trainer_utils import get_last_checkpoint
 
 SIGNATURE_FILE = "run_signature.json"
 
+# Fields that decide where results go, how progress is shown, or how memory and devices are used,
+# never what is computed. Everything else a script parses is part of its run's identity.
+RUNTIME_FIELDS = frozenset(
+    {
+        # where things go, pushes, resuming
+        "output_dir", "tickets_dir", "generated_corpus_dir", "resume_from_checkpoint", "restore_callback_states_from_checkpoint",
+        "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+        "hub_mask_repo_id", "compress", "save_total_limit", "save_only_model", "save_on_each_node", "enable_jit_checkpoint",
+        # logging and progress
+        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
+        "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project",
+        "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics", "debug",
+        # devices, processes, memory (evaluation results do not depend on the eval batch: padded frames are blanked)
+        "use_cpu", "local_rank", "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+        "ddp_backend", "ddp_timeout", "average_tokens_across_devices", "dataloader_num_workers", "dataloader_pin_memory",
+        "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+        "preprocessing_num_workers", "per_device_eval_batch_size", "eval_accumulation_steps", "eval_do_concat_batches",
+        "eval_use_gather_object", "batch_eval_metrics", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+        "activation_checkpointing", "activation_checkpointing_kwargs", "torch_empty_cache_steps",
+    }
+)
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temporary file, then rename it over ``path``: readers never see half a file."""
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """Open a temporary file beside ``path`` and rename it over ``path`` only once it is fully
+    written and closed: readers never see half a file, and a failed write leaves the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON atomically (see ``atomic_open``)."""
+    with atomic_open(path) as f:
         json.dump(payload, f, indent=2, ensure_ascii=False, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def replace_dir_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -40,20 +81,65 @@ def replace_dir_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.rmtree(src, ignore_errors=True)
 
 
+def jsonable(value: Any) -> Any:
+    """A JSON-comparable form of an argument value (enums by value, dataclasses as dicts)."""
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def run_signature(script: str, *arguments: Any) -> dict[str, Any]:
+    """What defines a run of ``script``: every init field of its argument dataclasses except
+    ``RUNTIME_FIELDS``, in declaration order, taken after the script has settled their values."""
+    signature: dict[str, Any] = {"script": script}
+    for args in arguments:
+        for f in dataclasses.fields(args):
+            if f.init and not f.name.startswith("_") and f.name not in RUNTIME_FIELDS:
+                signature.setdefault(f.name, jsonable(getattr(args, f.name)))
+    return signature
+
+
+def first_difference(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[tuple[str, Any, Any, int]]:
+    """``(key, recorded value, current value, number of differing keys)`` of the first key (in
+    ``current``'s order, then ``recorded``'s) whose values differ, or None when they agree."""
+    keys = list(current) + [k for k in recorded if k not in current]
+    differing = [k for k in keys if recorded.get(k) != current.get(k)]
+    if not differing:
+        return None
+    key = differing[0]
+    return key, recorded.get(key), current.get(key), len(differing)
+
+
+def describe_difference(difference: tuple[str, Any, Any, int]) -> str:
+    key, old, new, count = difference
+    more = f" and {count - 1} other setting(s)" if count > 1 else ""
+    return f"{key}: {old!r} there, {new!r} now{more}"
+
+
 def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process: bool = True) -> Optional[str]:
     """Check that ``output_dir`` is empty or holds this same run; return its last checkpoint, if any.
 
-    Raises ``FileExistsError`` naming the differing settings when the directory belongs to another
-    run. The main process records the signature.
+    Raises ``FileExistsError`` naming the first differing setting when the directory belongs to
+    another run. The main process records the signature.
     """
     path = Path(output_dir)
     signature_path = path / SIGNATURE_FILE
     if signature_path.is_file():
         recorded = json.loads(signature_path.read_text(encoding="utf-8"))
-        differences = {k: (recorded.get(k), v) for k, v in signature.items() if recorded.get(k) != v}
-        if differences:
-            detail = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differences.items())
-            raise FileExistsError(f"output_dir {output_dir!r} holds a different run ({detail}): choose another --output_dir")
+        difference = first_difference(recorded, signature)
+        if difference:
+            raise FileExistsError(
+                f"output_dir {output_dir!r} holds a different run ({describe_difference(difference)}): "
+                "choose another --output_dir, or re-run with the recorded settings to resume it"
+            )
     elif path.is_dir() and any(path.iterdir()):
         raise FileExistsError(
             f"output_dir {output_dir!r} is not empty and has no {SIGNATURE_FILE}: expected an empty or new directory"

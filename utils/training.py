@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
-from .metrics import error_rates, greedy_transcripts
+from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class CTCTrainingArguments(TrainingArguments):
 
 
 class CTCTrainer(Trainer):
-    """A Trainer that reports CER and WER of every evaluation.
+    """A Trainer that reports CER and WER of every evaluation and writes its per-utterance rows
+    (``predictions_validation.jsonl``, ``predictions_test.jsonl``: see ``utils.metrics``) to the
+    output dir, from the main process, in dataset order.
 
     - References are the evaluated dataset's own ``text`` column, not labels decoded back: with a
       vocabulary built from the training split only, a test character the model never saw would
@@ -52,6 +54,8 @@ class CTCTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.compute_metrics = self._error_rates
         self._references: list[str] = []
+        self._ids: list[str] = []
+        self._split = "eval"
 
     def _get_eval_sampler(self, eval_dataset):
         # Distributed: accelerate shards batches in order and gather_for_metrics restores it.
@@ -60,13 +64,18 @@ class CTCTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         self._references = list(dataset["text"])
+        self._ids = list(dataset["id"]) if "id" in dataset.column_names else [str(i) for i in range(len(dataset))]
+        self._split = SPLIT_OF_PREFIX.get(metric_key_prefix, metric_key_prefix)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _error_rates(self, pred: EvalPrediction) -> dict[str, float]:
         hypotheses = greedy_transcripts(pred.predictions, self.processing_class)
         if len(hypotheses) != len(self._references):
             raise RuntimeError(f"{len(hypotheses)} predictions for {len(self._references)} references")
-        return error_rates(self._references, hypotheses)
+        rows = score_utterances(self._ids, self._references, hypotheses)
+        if self.is_world_process_zero():
+            write_predictions(predictions_path(self.args.output_dir, self._split), rows)
+        return corpus_rates(rows)
 
     def prediction_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None
