@@ -5,6 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+DEMO_SLOTS ?= 2
 
 .PHONY: setup system-packages demo test clean
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: requirements.txt
 	@touch $@
 
 demo: setup
-	$(PY) run_grid.py --config configs/demo.yaml
+	$(PY) run_grid.py --config configs/demo.yaml --slots $(DEMO_SLOTS)
 
 test: setup
 	$(PY) -m pytest -q tests

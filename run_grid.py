@@ -6,8 +6,14 @@ ticket to every downstream language, compare masks, and write REPORT.md.
     python run_grid.py --config configs/demo.yaml              # what `make demo` runs (CPU, minutes)
     python run_grid.py --config configs/paper.yaml --dry_run   # print the commands still to run
     python run_grid.py --config configs/paper.yaml --rerun_stale   # after editing a setting
+    python run_grid.py --config configs/paper.yaml --executor slurm   # submit the whole study to Slurm
+    python run_grid.py --config configs/paper.yaml --status    # where it stands, without starting anything
 
-Steps whose result exists are skipped, so a killed grid resumes where it stopped. Each step run
+Steps run through submitit: on this machine (``--executor local``, ``--slots N`` at a time, each as
+soon as the steps it needs have finished) or on Slurm (``--executor slurm``: every step submitted at
+once with afterok dependencies and per-kind resources from the config). Steps whose result exists
+are skipped, so a killed grid resumes where it stopped; a failed step stops only the steps that
+depend on it. Each step run
 records its command, settings, identity, status and time in <output_dir>/steps/, its output in
 logs/. A finished step whose settings (or a step it needs) changed since it ran is stale: the grid
 names it and stops before any work until --rerun_stale re-runs it and everything downstream of it.
@@ -16,14 +22,16 @@ names it and stops before any work until --rerun_stale re-runs it and everything
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from utils.grid import StepFailed, collect, load_config, move_aside, plan, run_step, step_states
+from utils.executors import EXECUTORS, local_gpu_count, run_local, slurm_executor, submit_slurm
+from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_record_path, step_states, step_status
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
-from utils.runs import run_cli
+from utils.runs import run_cli, write_json_atomic
 
 
 def check_flags(config) -> None:
@@ -48,16 +56,46 @@ def check_flags(config) -> None:
             raise ValueError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
 
 
+def aggregate(config, steps) -> Path:
+    """Every transfer result in one table (with its interval), and the report."""
+    rows, ious, seed_ious = collect(config, steps)
+    write_csv_atomic(Path(config.output_dir) / "results.csv", result_rows(rows), RESULT_COLUMNS)
+    upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
+    return write_report(config.output_dir, rows, ious, upstreams, config.downstream, f"Study: {config.name}", config.note, seed_ious)
+
+
+def print_status(rows: list[dict]) -> None:
+    width = max(len(r["step"]) for r in rows)
+    print(f"{'step':<{width}}  {'state':<8} {'elapsed':>9}  {'job':<10} log")
+    for r in rows:
+        elapsed = f"{r['elapsed_s']:.0f} s" if r["elapsed_s"] is not None else ""
+        print(f"{r['step']:<{width}}  {r['state']:<8} {elapsed:>9}  {r['job_id']:<10} {r['log']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "queued", "failed", "stale", "pending")}
+    print(", ".join(f"{n} {state}" for state, n in counts.items() if n))
+
+
 def main():
     # 1. The study: read and validate the whole config before any work starts.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="study config (YAML or JSON), e.g. configs/paper.yaml")
-    parser.add_argument("--dry_run", action="store_true", help="print the stale steps and the commands still to run, in order, and stop")
+    parser.add_argument("--executor", default="local", choices=EXECUTORS, help="local: this machine; slurm: submit every step to Slurm")
+    parser.add_argument("--slots", type=int, default=1, help="local: steps run at the same time (CPU threads are shared between them)")
+    parser.add_argument("--dry_run", action="store_true", help="print the stale steps and the commands still to run, in dependency order, and stop")
     parser.add_argument("--rerun_stale", action="store_true", help="move the outputs of stale steps aside (to <output_dir>/stale/) and run them again")
+    parser.add_argument("--status", action="store_true", help="print every step's state from its record, start nothing")
+    parser.add_argument("--report_only", action="store_true", help="write REPORT.md and results.csv from the finished steps (the last Slurm job)")
     args = parser.parse_args()
+    if args.slots < 1:
+        raise ValueError(f"--slots {args.slots}: expected a positive number of steps at a time")
     config = load_config(args.config)
     check_flags(config)
     steps = plan(config)
+    if args.status:
+        print_status(step_status(config, steps))
+        return
+    if args.report_only:
+        print(f"report: {aggregate(config, steps)}")
+        return
 
     # 2. Where the study stands: finished, stale (settings changed since they ran) or still to run.
     states = step_states(config, steps)
@@ -78,6 +116,13 @@ def main():
         downstream = f" and {len(stale) - len(changed)} step(s) that depend on them" if len(stale) > len(changed) else ""
         raise ValueError(f"{len(stale)} finished step(s) are stale: {names}{downstream}. "
                          "Re-run with --rerun_stale (their outputs are moved aside, not deleted), or restore the config")
+    executor = slurm_executor(Path(config.output_dir) / "submitit") if args.executor == "slurm" else None  # refused before any work
+    gpus = local_gpu_count() if args.executor == "local" else 0
+    if args.executor == "local":
+        for step in todo:
+            if config.resources_of(step.kind).gpus > gpus or config.resources_of(step.kind).nodes > 1:
+                raise ValueError(f"resources.{step.kind} asks for {config.resources_of(step.kind).gpus} GPU(s) on {config.resources_of(step.kind).nodes} node(s) "
+                                 f"but this machine has {gpus} GPU(s): lower them, or use --executor slurm")
     if args.rerun_stale:
         if not stale:
             print("--rerun_stale: no step is stale; running the unfinished steps as usual", flush=True)
@@ -85,28 +130,52 @@ def main():
             moved = move_aside(config, stale, time.strftime("%Y%m%d-%H%M%S"))
             print(f"--rerun_stale: moved the outputs of {len(stale)} stale step(s) to {moved}", flush=True)
 
-    # 3. Run what is not done yet, with progress.
+    # 3a. Slurm: submit every unfinished step at once, each after the steps it needs, then the report.
     print(f"study {config.name}: {len(steps)} steps, {len(steps) - len(todo)} already done -> {config.output_dir}", flush=True)
-    started, ran = time.time(), 0
-    for i, step in enumerate(steps, 1):
-        prefix = f"[{i:>3}/{len(steps)}] {step.id}"
+    if executor is not None:
+        job_ids: dict[str, str] = {}
+        for step in todo:
+            spec = job_spec(config, step)
+            job_ids[step.id] = submit_slurm(executor, spec, spec.resources, config.slurm, [job_ids[n] for n in step.needs if n in job_ids])
+            record = json.loads(step_record_path(config.output_dir, step).read_text()) if step_record_path(config.output_dir, step).is_file() else {}
+            if record.get("status") not in ("running", "done") or record.get("job_id") != job_ids[step.id]:
+                write_json_atomic(step_record_path(config.output_dir, step), spec.record_base | {"status": "queued", "job_id": job_ids[step.id], "executor": "slurm", "queued": time.time()})
+            print(f"  {step.id}: job {job_ids[step.id]}" + (f" after {', '.join(job_ids[n] for n in step.needs if n in job_ids)}" if any(n in job_ids for n in step.needs) else ""), flush=True)
+        report_job = submit_slurm(executor, job_spec(config, report_step(args.config, config)), config.resources_of("report"), config.slurm, list(job_ids.values()))
+        print(f"submitted {len(job_ids)} step(s) and the report (job {report_job}); follow with: python run_grid.py --config {args.config} --status")
+        return
+
+    # 3b. Here: run what is not done yet, --slots at a time, each as soon as what it needs is done.
+    started, index = time.time(), {step.id: i for i, step in enumerate(steps, 1)}
+
+    def progress(event: str, job, detail) -> None:
+        prefix = f"[{index[job.id]:>3}/{len(steps)}] {job.id}"
+        if event == "started":
+            print(f"{prefix} started", flush=True)
+        elif event == "done":
+            extra = ""
+            if job.id.split("/")[1:2] == ["transfer"]:
+                extra = f", test CER {100 * json.loads(Path(job.done).read_text())['test_cer']:.1f}%"
+            print(f"{prefix} done in {detail.get('seconds', 0):.1f} s{extra}", flush=True)
+        elif event == "failed":
+            print(f"{prefix} FAILED (exit {detail.get('returncode')}; see {job.log})", flush=True)
+        else:
+            print(f"{prefix} not run: it needs {detail}, which failed", flush=True)
+
+    for step in steps:
         if step.done.exists():
-            print(f"{prefix}: done already", flush=True)
-            continue
-        print(f"{prefix} ...", end="", flush=True)
-        record = run_step(config, step)
-        ran += 1
-        detail = ""
-        if step.kind == "transfer":
-            result = json.loads(step.done.read_text())
-            detail = f", test CER {100 * result['test_cer']:.1f}%"
-        print(f" {record['seconds']:.1f} s{detail}", flush=True)
+            print(f"[{index[step.id]:>3}/{len(steps)}] {step.id}: done already", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.slots)
+    jobs = [job_spec(config, step, threads) for step in todo]
+    failed, blocked = run_local(jobs, Path(config.output_dir) / "submitit", args.slots, gpus, progress)
+    ran = len(todo) - len(blocked)
+    if failed:
+        lines = [f"  {job_id}: exit {record.get('returncode')}, log {record.get('log') or step_log_path(config.output_dir, next(s for s in steps if s.id == job_id))}" for job_id, record in failed.items()]
+        raise StepFailed(f"{len(failed)} step(s) failed and {len(blocked)} step(s) that need them did not run; the others finished "
+                         f"(re-run the same command to retry only these):\n" + "\n".join(lines))
 
     # 4. Aggregate: every transfer result in one table (with its interval), and the report.
-    rows, ious, seed_ious = collect(config, steps)
-    write_csv_atomic(Path(config.output_dir) / "results.csv", result_rows(rows), RESULT_COLUMNS)
-    upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
-    report = write_report(config.output_dir, rows, ious, upstreams, config.downstream, f"Study: {config.name}", config.note, seed_ious)
+    report = aggregate(config, steps)
     print(f"ran {ran} step(s), skipped {len(steps) - len(todo)}, in {time.time() - started:.0f} s")
     print(f"report: {report}")
 

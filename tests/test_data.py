@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from datasets import DatasetDict
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor
 
 from tests.conftest import TINY_CONFIG
@@ -193,3 +194,33 @@ def test_fleurs_loader_reads_offline_hub_cache(tmp_path, corpus_dir, monkeypatch
     assert Path(dev[0]["audio"]["path"]).name == "1000.wav"
     with pytest.raises(FileNotFoundError, match="cannot fetch FLEURS config 'xh_za'"):
         load_fleurs_split("xh_za", "train")
+
+
+def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, monkeypatch, caplog):
+    import datasets
+
+    from utils.data import DataArguments, build_processor, features_cache_dir, load_language_splits, vectorize_splits
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    args = DataArguments(language="en", data_dir=str(corpus_dir / "en"), max_train_samples=40)
+    raw, vocab = load_language_splits(args, resolve_language("en"))
+    config = AutoConfig.from_pretrained(TINY_CONFIG)
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG)
+    processor = build_processor(vocab, extractor, str(tmp_path / "p1"))
+    with caplog.at_level(logging.INFO, logger="utils.data"):
+        first = vectorize_splits(raw, processor, config, args)
+        assert caplog.text.count("features: computing") == 3 and "features: cached" not in caplog.text
+        caplog.clear()
+        again = vectorize_splits(raw, build_processor(vocab, extractor, str(tmp_path / "p2")), config, args)  # a later step, same data
+        assert caplog.text.count("features: cached") == 3 and "computing" not in caplog.text
+    assert len(list(features_cache_dir().glob("*.arrow"))) >= 3
+    for split in first:
+        assert again[split]["id"] == first[split]["id"] and again[split]["labels"] == first[split]["labels"]
+        assert np.array_equal(np.concatenate(again[split]["input_values"]), np.concatenate(first[split]["input_values"]))
+    # Another vocabulary (so other label ids) or other clips: other features, never the cached ones.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="utils.data"):
+        permuted = {char: len(vocab) - 1 - i for char, i in vocab.items()}
+        vectorize_splits(raw, build_processor(permuted, extractor, str(tmp_path / "p3")), config, args)
+        vectorize_splits(DatasetDict({k: v.select(range(10)) for k, v in raw.items()}), processor, config, args)
+    assert caplog.text.count("features: computing") == 6

@@ -36,6 +36,7 @@ def study_config(tmp_path, **overrides) -> dict:
         "data": {"data_dir": "UNUSED"},
         "finetune": {"num_train_epochs": 1, "max_train_samples": 48, **TRAIN},
         "transfer": {"freeze_epochs": 1, "train_epochs": 1, "max_train_samples": 24, **TRAIN},
+        "resources": {kind: {"cpus": 1} for kind in ("init", "finetune", "prune", "transfer", "iou")},  # one thread: runs comparable across --slots
     } | overrides
 
 
@@ -271,3 +272,131 @@ def test_report_refuses_runs_on_different_test_sets(tmp_path):
     rows = [_row("en", "ca", 0.9, [3, 6], [10, 20]), _row("de", "ca", 0.9, [3, 6, 1], [10, 20, 5])]
     with pytest.raises(ValueError, match="en->ca seed 0 was tested on other utterances than de->ca seed 0: expected the same ca test set"):
         cer_table(rows, 0.9, ["en", "de"], ["ca"])
+
+
+def test_local_executor_runs_in_parallel_and_a_failure_stops_only_its_dependents(finished_study, corpus_dir, tmp_path):
+    path, _, _ = finished_study
+    data = tmp_path / "data"
+    data.mkdir()
+    for code in ("en", "ca"):
+        (data / code).symlink_to(corpus_dir / code)  # no de/: the German fine-tune fails
+    config = write_study(tmp_path, "parallel.yaml", upstream=["en", "de"], seeds=[0], data={"data_dir": str(data / "{language}")})
+    study = tmp_path / "study"
+    result = grid(config, "--slots", "2")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 step(s) failed and 3 step(s) that need them did not run" in result.stderr
+    assert f"seed-0/finetune/de: exit 2, log {study / 'logs' / 'seed-0__finetune__de.log'}" in result.stderr
+    for blocked in ("seed-0/prune/de/sparsity-0.80", "seed-0/transfer/de-ca/sparsity-0.80", "seed-0/iou/sparsity-0.80"):
+        assert re.search(rf"{re.escape(blocked)} not run: it needs seed-0/finetune/de, which failed", result.stdout), result.stdout
+    records = {r["id"]: r for r in (json.loads(p.read_text()) for p in (study / "steps").glob("*.json"))}
+    done = {k: r for k, r in records.items() if r["status"] == "done"}
+    assert set(done) == {"seed-0/base-model", "seed-0/finetune/en", "seed-0/prune/base/sparsity-0.80", "seed-0/prune/en/sparsity-0.80",
+                         "seed-0/transfer/en-ca/sparsity-0.80"}
+    for record in done.values():  # nothing started before the steps it needs had finished
+        assert all(record["started"] >= records[n]["finished"] for n in record["needs"]), record["id"]
+    spans = sorted((r["started"], r["finished"]) for r in records.values() if "finished" in r)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two slots: independent steps overlapped
+    status = grid(config, "--status", timeout=120)
+    states = dict(re.findall(r"^(seed-0/\S+)\s+(\w+)", status.stdout, re.M))
+    assert states["seed-0/finetune/de"] == "failed" and states["seed-0/transfer/en-ca/sparsity-0.80"] == "done"
+    assert states["seed-0/iou/sparsity-0.80"] == "pending" and "5 done, 1 failed, 3 pending" in status.stdout
+    # Same settings, same numbers as the sequential run of the first study (seed 0, en -> ca).
+    first = path.parent / "study"  # its en -> ca run with these settings (the stale test may have moved it aside)
+    candidates = [first / "seed-0" / "transfer" / "en-ca" / "sparsity-0.80", *first.glob("stale/*/seed-0__transfer__en-ca__sparsity-0.80")]
+    sequential = next(c for c in candidates if json.loads((c / "results.json").read_text())["learning_rate"] == 2e-3)
+    parallel = study / "seed-0" / "transfer" / "en-ca" / "sparsity-0.80"
+    assert (parallel / "predictions_test.jsonl").read_bytes() == (sequential / "predictions_test.jsonl").read_bytes()
+    assert json.loads((parallel / "results.json").read_text())["test_cer"] == json.loads((sequential / "results.json").read_text())["test_cer"]
+    # With German data, a re-run resubmits only what failed or never ran.
+    (data / "de").symlink_to(corpus_dir / "en")
+    result = grid(config, "--slots", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran 4 step(s), skipped 5" in result.stdout and (study / "REPORT.md").is_file()
+
+
+FAKE_SBATCH = """#!/bin/sh
+# Stand-in for Slurm's sbatch: keeps the script, answers as sbatch does, runs nothing.
+n=$(cat "$FAKE_SLURM_COUNTER" 2>/dev/null || echo 1000); n=$((n+1)); echo $n > "$FAKE_SLURM_COUNTER"
+echo "Submitted batch job $n"
+"""
+
+
+def test_slurm_submission_writes_the_resources_and_dependencies(tmp_path, corpus_dir):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    resources = {"finetune": {"gpus": 4, "cpus": 16, "mem_gb": 64, "time_min": 600}, "transfer": {"gpus": 2, "cpus": 8, "mem_gb": 32, "time_min": 120, "nodes": 2},
+                 "prune": {"cpus": 4, "mem_gb": 16, "time_min": 30}}
+    slurm = {"partition": "gpu", "account": "speech", "qos": "normal", "constraint": "a100", "additional": {"mail-type": "FAIL"}}
+    config = write_study(tmp_path, seeds=[0], launcher="accelerate launch", resources=resources, slurm=slurm, data={"data_dir": str(corpus_dir / "{language}")})
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_COUNTER=str(tmp_path / "counter"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(config), "--executor", "slurm"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = plan(load_config(str(config)))
+    job_of = dict(re.findall(r"^  (\S+): job (\d+)", result.stdout, re.M))
+    assert list(job_of) == [s.id for s in steps]
+    study = tmp_path / "study"
+
+    def sbatch(job):
+        lines = (study / "submitit" / job / f"{job}_submission.sh").read_text().splitlines()
+        return {k: v for k, _, v in (line.removeprefix("#SBATCH --").partition("=") for line in lines if line.startswith("#SBATCH --"))}
+
+    for step in steps:
+        options = sbatch(job_of[step.id])
+        expected_after = sorted(job_of[n] for n in step.needs)
+        assert sorted(options.get("dependency", "afterok:").removeprefix("afterok:").split(":")) == sorted(expected_after or [""]), step.id
+        assert (options["partition"], options["account"], options["qos"], options["constraint"], options["mail-type"]) == ("gpu", "speech", "normal", "a100", "FAIL")
+        want = resources.get(step.kind, {})
+        assert options.get("gpus-per-node") == (str(want["gpus"]) if want.get("gpus") else None), step.id
+        assert options["cpus-per-task"] == str(want.get("cpus", 1)) and options["mem"] == f"{want.get('mem_gb', 16)}GB" and options["time"] == str(want.get("time_min", 120))
+        assert options["nodes"] == str(want.get("nodes", 1)) and options["ntasks-per-node"] == "1"
+    transfer = next(s for s in steps if s.kind == "transfer")
+    assert transfer.argv[:7] == ["accelerate", "launch", "--num_processes", "4", "--num_machines", "2", "--multi_gpu"]
+    report = re.search(r"and the report \(job (\d+)\)", result.stdout).group(1)
+    assert sorted(sbatch(report)["dependency"].removeprefix("afterok:").split(":")) == sorted(job_of.values())
+    status = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(config), "--status"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert f"seed-0/finetune/en" in status.stdout and re.search(rf"seed-0/finetune/en\s+queued\s+{job_of['seed-0/finetune/en']}", status.stdout)
+    # Without sbatch: refused before anything is written.
+    plain = dict(env, PATH="/usr/bin:/bin")
+    other = write_study(tmp_path, "other.yaml", output_dir=str(tmp_path / "other"))
+    result = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(other), "--executor", "slurm"], cwd=ROOT, env=plain,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "needs Slurm's sbatch" in result.stderr.strip().splitlines()[-1] and not (tmp_path / "other").exists()
+
+
+def test_multinode_command_and_bad_resources(tmp_path):
+    from utils.executors import Resources, launch_command, node_command, parse_resources
+
+    launch = launch_command("accelerate launch", Resources(gpus=4, nodes=2))
+    assert launch == ["accelerate", "launch", "--num_processes", "8", "--num_machines", "2", "--multi_gpu"]
+    probe = ("import json, submitit; from utils.executors import node_command; "
+             "print(json.dumps(node_command(['accelerate', 'launch', '--num_processes', '8', 'run_transfer.py', '--x'], 4, submitit.JobEnvironment())))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NODEID="1",
+               SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="2", SLURM_LOCALID="0")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout) == ["accelerate", "launch", "--num_processes", "8", "--machine_rank", "1", "--main_process_ip", "gpu07",
+                                      "--main_process_port", str(29500 + 4242), "run_transfer.py", "--x"], out.stderr
+    cases = [({"finetune": {"gpus": -1}}, "resources.finetune.gpus -1: expected a non-negative integer"),
+             ({"finetune": {"gpus": 1.5}}, "resources.finetune.gpus 1.5: expected a non-negative integer"),
+             ({"transfer": {"cpus": 0}}, "resources.transfer.cpus 0: expected a positive integer"),
+             ({"prune": {"gpus": 2}}, "resources.prune: several GPUs or nodes only help training steps"),
+             ({"decode": {"gpus": 1}}, "resources.decode: unknown step kind"),
+             ({"finetune": {"gpu": 1}}, "resources.finetune has unknown key(s) ['gpu']")]
+    for resources, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_resources(resources)
+    with pytest.raises(ValueError, match="need launcher: accelerate launch"):
+        load_config(str(write_study(tmp_path, resources={"finetune": {"gpus": 2}})))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    for flags, config, message in ((["--executor", "pbs"], write_study(tmp_path), "invalid choice: 'pbs'"),
+                                   ([], write_study(tmp_path, "gpu.yaml", resources={"finetune": {"gpus": 1}}), "asks for 1 GPU(s) on 1 node(s) but this machine has 0 GPU(s)"),
+                                   (["--slots", "0"], write_study(tmp_path), "--slots 0: expected a positive number")):
+        result = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(config), *flags], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
+    assert not (tmp_path / "study").exists()

@@ -11,6 +11,7 @@ keyed by), ``audio`` (an ``Audio(sampling_rate=16000, decode=False)`` feature, d
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -318,6 +319,30 @@ def normalize_splits(splits: DatasetDict, language: Language, chars_to_ignore: O
     return splits
 
 
+FEATURES_VERSION = 1  # bump when featurize changes what it writes: old cached features are then ignored
+
+
+def features_fingerprint(split: Dataset, processor: Wav2Vec2Processor, limits: dict) -> str:
+    """What a split's features depend on: its rows (ids, texts, audio paths with their sizes and
+    modification times), the tokenizer's vocabulary, the feature extractor's settings and the
+    filtering limits. Equal fingerprints mean equal features, whichever step computes them."""
+    digest = hashlib.sha256(json.dumps({"version": FEATURES_VERSION, "limits": limits, "vocab": processor.tokenizer.get_vocab(),
+                                        "extractor": processor.feature_extractor.to_dict()}, sort_keys=True, default=str).encode())
+    audio = split.cast_column("audio", Audio(decode=False))["audio"] if "audio" in split.column_names else []
+    for uid, text, item in zip(split["id"], split["text"], audio):
+        path = item.get("path") or ""
+        stat = os.stat(path) if path and os.path.exists(path) else None
+        digest.update(json.dumps([uid, text, path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None,
+                                  None if stat or not item.get("bytes") else hashlib.sha256(item["bytes"]).hexdigest()]).encode())
+    return digest.hexdigest()
+
+
+def features_cache_dir() -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "language-tickets-features"
+
+
 def prepare_features(
     splits: DatasetDict,
     processor: Wav2Vec2Processor,
@@ -325,10 +350,16 @@ def prepare_features(
     min_samples: int,
     max_samples: int,
     num_proc: Optional[int] = None,
+    cache_key: Optional[dict] = None,
 ) -> DatasetDict:
     """Decode audio (16 kHz), extract ``input_values``, tokenise ``labels`` and filter, logging a
     count per reason: unreadable audio, too short (under the receptive field ``min_samples`` or
-    ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align)."""
+    ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align).
+
+    With ``cache_key`` (what ``frames_for_samples`` depends on), each split's features are cached
+    as an Arrow file named by its fingerprint in the datasets cache: the main process computes
+    them once (the scripts wrap this in ``main_process_first``) and the other ranks, and every
+    later step on the same data with the same vocabulary, load them instead."""
     decoder = Audio(sampling_rate=SAMPLING_RATE)
 
     def featurize(row):
@@ -360,7 +391,16 @@ def prepare_features(
     )
     prepared = {}
     for name, dataset in splits.items():
-        dataset = dataset.map(featurize, remove_columns=["audio"], features=features, num_proc=num_proc, desc=f"features ({name})")
+        cache_file = None
+        if cache_key is not None:
+            limits = {"min_samples": min_samples, "max_samples": max_samples, **cache_key}
+            fingerprint = features_fingerprint(dataset, processor, limits)
+            cache_file = features_cache_dir() / f"{fingerprint}.arrow"
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("%s features: %s (%s)", name, "cached" if cache_file.is_file() else "computing", cache_file)
+        dataset = dataset.map(featurize, remove_columns=["audio"], features=features, num_proc=num_proc, desc=f"features ({name})",
+                              cache_file_name=str(cache_file) if cache_file else None, load_from_cache_file=cache_file is not None,
+                              new_fingerprint=cache_file.stem if cache_file else None)
         reasons = Counter(r for r in dataset["skip"] if r)
         if reasons:
             detail = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
@@ -412,4 +452,5 @@ def vectorize_splits(raw: DatasetDict, processor: Wav2Vec2Processor, config, arg
         min_samples=max(receptive_field(config), int(args.min_duration_in_seconds * SAMPLING_RATE)),
         max_samples=int(args.max_duration_in_seconds * SAMPLING_RATE),
         num_proc=args.preprocessing_num_workers,
+        cache_key={"conv_kernel": list(config.conv_kernel), "conv_stride": list(config.conv_stride)},
     )

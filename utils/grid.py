@@ -29,13 +29,13 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .executors import TRAINING_KINDS, JobSpec, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
 from .model import has_local_config_only
@@ -66,7 +66,12 @@ class StudyConfig:
     prune: dict[str, Any] = field(default_factory=dict)
     transfer: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)  # step kind -> Resources (see utils.executors)
+    slurm: dict[str, Any] = field(default_factory=dict)  # partition, account, qos, constraint, additional
     note: Optional[str] = None
+
+    def resources_of(self, kind: str) -> Resources:
+        return self.resources.get(kind, Resources())
 
 
 def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -100,6 +105,10 @@ def load_config(path: str) -> StudyConfig:
     if missing:
         raise ValueError(f"grid config {path!r} lacks {missing}")
     config = StudyConfig(**raw)
+    config.resources = parse_resources(config.resources)
+    config.slurm = parse_slurm(config.slurm)
+    for kind in TRAINING_KINDS:
+        launch_command(config.launcher, config.resources_of(kind))  # a multi-GPU step needs accelerate launch
     config.upstream = [resolve_language(code).code for code in config.upstream]
     config.downstream = [resolve_language(code).code for code in config.downstream]
     config.sparsities = sorted({check_sparsity(s) for s in config.sparsities})
@@ -135,6 +144,7 @@ class Step:
     output: Path  # what the step writes: moved aside when a stale step is re-run
     needs: list[str] = field(default_factory=list)  # ids of the steps that must finish first
     identity: dict[str, Any] = field(default_factory=dict)
+    launch_len: int = 1  # argv[:launch_len] is the launcher (python, or accelerate launch and its options)
 
     @property
     def digest(self) -> str:
@@ -165,13 +175,13 @@ class _Planner:
         self.steps: list[Step] = []
         self.by_id: dict[str, Step] = {}
 
-    def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str]) -> Step:
+    def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str], launch_len: int = 1) -> Step:
         needs = [n for n in needs if n in self.by_id]
         identity = {
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME_FIELDS},
             "needs": {n: self.by_id[n].digest for n in needs},
         }
-        step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)))
+        step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)), launch_len)
         self.steps.append(step)
         self.by_id[id] = step
         return step
@@ -185,7 +195,7 @@ def plan(config: StudyConfig) -> list[Step]:
     """Every step of the study, in an order that respects their dependencies."""
     out = Path(config.output_dir)
     python = [sys.executable]
-    launch = shlex.split(config.launcher) if config.launcher != "python" else python
+    launch = {kind: launch_command(config.launcher, config.resources_of(kind)) for kind in TRAINING_KINDS}
     p = _Planner()
     pretrain = {k: v for k, v in config.pretrain.items() if k not in ("mixture", "num_train")}
     corpus_id = None
@@ -209,14 +219,14 @@ def plan(config: StudyConfig) -> list[Step]:
         if config.pretrain:
             target = root / "pretrain"
             settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **pretrain}
-            base_step = p.add(f"seed-{seed}/pretrain", "pretrain", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
-                              settings, target, [corpus_id, base_step]).id
+            base_step = p.add(f"seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+                              settings, target, [corpus_id, base_step], len(launch["pretrain"])).id
             base = str(target)
         for up in config.upstream:
             target = root / "finetune" / up
             settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
-            p.add(f"seed-{seed}/finetune/{up}", "finetune", [*launch, str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
-                  settings, target, [base_step])
+            p.add(f"seed-{seed}/finetune/{up}", "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+                  settings, target, [base_step], len(launch["finetune"]))
         sources = [("base", base, base_step)] if config.prune_base else []
         sources += [(up, str(root / "finetune" / up), f"seed-{seed}/finetune/{up}") for up in config.upstream]
         for label, source, parent in sources:
@@ -231,8 +241,8 @@ def plan(config: StudyConfig) -> list[Step]:
                 for s in config.sparsities:
                     target = root / "transfer" / f"{up}-{down}" / f"sparsity-{s:.2f}"
                     settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(root / "tickets"), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
-                    p.add(f"seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch, str(ROOT / "run_transfer.py"), *_flags(settings)],
-                          target / "results.json", settings, target, [prune_step_id(seed, up, s)])
+                    p.add(f"seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
+                          target / "results.json", settings, target, [prune_step_id(seed, up, s)], len(launch["transfer"]))
         labels = config.upstream + (["base"] if config.prune_base else [])
         for s in config.sparsities:
             if len(labels) < 2:
@@ -251,6 +261,13 @@ def plan(config: StudyConfig) -> list[Step]:
             p.add(f"iou-seeds/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
                   settings, target, [prune_step_id(seed, label, s) for label in labels for seed in config.seeds])
     return p.steps
+
+
+def report_step(config_path: str, config: StudyConfig) -> Step:
+    """The report as a job of its own, after every step (what a Slurm submission ends with)."""
+    settings = {"config": os.path.abspath(config_path), "report_only": True}
+    argv = [sys.executable, str(ROOT / "run_grid.py"), "--config", settings["config"], "--report_only"]
+    return Step("report", "report", argv, Path(config.output_dir) / "REPORT.md", settings, Path(config.output_dir) / "REPORT.md")
 
 
 def _step_file(output_dir: str, folder: str, step: Step, suffix: str) -> Path:
@@ -308,24 +325,44 @@ def move_aside(config: StudyConfig, steps: list[Step], stamp: str) -> Path:
     return target
 
 
-def run_step(config: StudyConfig, step: Step) -> dict:
-    """Run one step as a subprocess, logging its output; record command, settings, identity and outcome."""
-    log = step_log_path(config.output_dir, step)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    record = {"id": step.id, "kind": step.kind, "command": shlex.join(step.argv), "settings": step.settings, "identity": step.identity,
-              "needs": step.needs, "status": "running", "started": time.time()}
-    write_json_atomic(step_record_path(config.output_dir, step), record)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log, "w", encoding="utf-8") as f:
-        result = subprocess.run(step.argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    record |= {"finished": time.time(), "returncode": result.returncode, "log": str(log)}
-    record["seconds"] = round(record["finished"] - record["started"], 1)
-    record["status"] = "done" if result.returncode == 0 and step.done.exists() else "failed"
-    write_json_atomic(step_record_path(config.output_dir, step), record)
-    if record["status"] != "done":
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
-        raise StepFailed(f"step {step.id} failed (exit {result.returncode}; see {log}): {tail[0]}")
-    return record
+def job_spec(config: StudyConfig, step: Step, threads: Optional[int] = None) -> JobSpec:
+    """The job that runs ``step``: its command, log and record (see ``utils.executors.run_job``)."""
+    resources = config.resources_of(step.kind)
+    base = {"id": step.id, "kind": step.kind, "command": shlex.join(step.argv), "settings": step.settings, "identity": step.identity, "needs": step.needs}
+    return JobSpec(
+        id=step.id, argv=[str(a) for a in step.argv], launch_len=step.launch_len, done=str(step.done),
+        record=str(step_record_path(config.output_dir, step)), log=str(step_log_path(config.output_dir, step)),
+        needs=tuple(step.needs), resources=resources, record_base=base, threads=resources.cpus or threads,
+    )
+
+
+def step_status(config: StudyConfig, steps: list[Step]) -> list[dict]:
+    """One row per step for ``--status``: done / running / queued / failed / stale / pending, with
+    elapsed time, job id and log, read from the records (nothing is started or queried)."""
+    states = step_states(config, steps)
+    rows = []
+    now = time.time()
+    for step in steps:
+        path = step_record_path(config.output_dir, step)
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        state = states[step.id].state
+        if state == "todo":
+            state = record.get("status") if record.get("status") in ("running", "queued", "failed") else "pending"
+            if state == "running" and record.get("executor") == "local" and not _alive(record.get("pid")):
+                state = "pending"  # its runner was killed: a re-run starts it again
+        started, finished = record.get("started"), record.get("finished")
+        elapsed = (finished or now) - started if started and state in ("running", "done", "stale", "failed") else None
+        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": record.get("job_id") or "",
+                     "log": str(step_log_path(config.output_dir, step)) if record else "", "reason": states[step.id].reason})
+    return rows
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 def collect(config: StudyConfig, steps: list[Step]) -> tuple[list[dict], dict[float, dict], dict[float, dict]]:

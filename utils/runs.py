@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from transformers.trainer_utils import get_last_checkpoint
-
 SIGNATURE_FILE = "run_signature.json"
 
 # Fields that decide where results go, how progress is shown, or how memory and devices are used,
@@ -146,6 +144,8 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
         )
     if is_main_process:
         write_json_atomic(signature_path, signature)
+    from transformers.trainer_utils import get_last_checkpoint
+
     return get_last_checkpoint(output_dir) if path.is_dir() else None
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import psutil
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
@@ -149,9 +151,11 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
     args = trainer.args
     results: dict[str, float] = {}
     if args.do_train:
+        startup = time.time() - psutil.Process().create_time()
+        logger.info("ready to train %.1f s after the process started (loading, features, model)", startup)
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or last_checkpoint)
         trainer.save_model()
-        metrics = train_result.metrics | {"train_samples": len(splits["train"])}
+        metrics = train_result.metrics | {"train_samples": len(splits["train"]), "startup_seconds": round(startup, 2)}
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
