@@ -5,6 +5,7 @@
     python bench/bench_training.py padding    # padded frames: length-grouped sampler vs random batches
     python bench/bench_training.py shape      # XLS-R-300M shape through run_prune.py and run_transfer.py
     python bench/bench_training.py shape --shapes 300m 1b
+    python bench/bench_training.py cache      # time to the first training step: cold vs cached features
 
 Each prints its figures and the ratio against the named baseline measured in the same run.
 """
@@ -211,6 +212,26 @@ def shape(args) -> None:
               f"{results.get('mask_held')}, measured sparsity {results.get('measured_sparsity', float('nan')):.4f}", flush=True)
 
 
+def cache(args) -> None:
+    """Two fine-tuning runs of the same language into different output dirs sharing one datasets
+    cache: the first computes the features, the second loads them. Each reports how long after its
+    process started it was ready to train (``startup_seconds`` of train_results.json)."""
+    from utils.corpus import generate_corpus
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-cache-"))
+    corpus = generate_corpus(str(work / "corpus"), ["en"], num_train=args.clips, num_eval=100, vocab_size=200)["en"]
+    env = dict(os.environ, HF_HOME=str(work / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    startup = []
+    for run in ("first", "second"):
+        out = work / f"run-{run}"
+        subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--language", "en", "--data_dir", str(corpus), "--output_dir", str(out),
+                        "--model_name_or_path", str(ROOT / "configs" / "tiny-wav2vec2"), "--max_steps", "1", "--use_cpu", "--report_to", "none",
+                        "--disable_tqdm", "True", "--freeze_feature_encoder", "False"], cwd=ROOT, env=env, check=True, capture_output=True)
+        startup.append(json.loads((out / "train_results.json").read_text())["startup_seconds"])
+    print(f"{args.clips} training + 200 eval clips: ready to train after {startup[0]:.1f} s (features computed), "
+          f"{startup[1]:.1f} s (features cached) -> {startup[0] / startup[1]:.1f}x sooner", flush=True)
+
+
 def _timed(command: list[str]) -> dict:
     """Wall time and peak resident memory of a child process (polled every 0.1 s with psutil)."""
     import psutil
@@ -238,15 +259,16 @@ def _size(path: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["overhead", "padding", "shape"])
+    parser.add_argument("what", choices=["overhead", "padding", "shape", "cache"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
     parser.add_argument("--shapes", nargs="+", default=["300m"], choices=list(SHAPES))
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--clips", type=int, default=1000, help="cache: training clips")
     args = parser.parse_args()
-    {"overhead": overhead, "padding": padding, "shape": shape}[args.what](args)
+    {"overhead": overhead, "padding": padding, "shape": shape, "cache": cache}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,9 @@ def test_edited_settings_make_exactly_their_steps_stale_and_rerun_resumes(finish
     stale = set(re.findall(r"^# stale: (\S+)", dry.stdout, re.M))
     assert stale == {f"seed-{s}/{x}" for s in (0, 1) for x in ("finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80", "iou/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
     assert "# stale: seed-0/finetune/en (learning_rate: 0.002 when it ran, 0.001 now)" in dry.stdout
+    status = grid(edited, "--status", timeout=120)
+    states = dict(re.findall(r"^(\S+)\s+(done|stale|pending|failed|running|queued)\b", status.stdout, re.M))
+    assert {k for k, v in states.items() if v == "stale"} == stale and states["seed-0/base-model"] == "done"
     # A transfer setting changed: a normal run stops before any work, naming them.
     edited.write_text(yaml.safe_dump(config | {"transfer": config["transfer"] | {"learning_rate": 1e-3}, "note": "edited"}))
     before = {p: p.read_bytes() for p in study.glob("seed-*/transfer/*/*/results.json")}
