@@ -109,10 +109,10 @@ def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):
 def finished_study(corpus_dir, tmp_path_factory):
     """A two-seed study killed mid-way and resumed; returns (config path, first-run info)."""
     tmp_path = tmp_path_factory.mktemp("grid")
-    path = write_study(tmp_path, data={"data_dir": str(corpus_dir / "{language}")})
+    path = write_study(tmp_path, data={"data_dir": str(corpus_dir / "{language}")}, prune_base=False)
     # data_dir holds a {language} placeholder: each script gets its own language's folder.
     dry = grid(path, "--dry_run", timeout=120)
-    assert dry.returncode == 0 and dry.stdout.strip().endswith("# 13 of 13 steps to run (0 of them stale)")
+    assert dry.returncode == 0 and dry.stdout.strip().endswith("# 9 of 9 steps to run (0 of them stale)")
     assert f"--data_dir {corpus_dir / 'en'}" in dry.stdout and f"--data_dir {corpus_dir / 'ca'}" in dry.stdout
     assert "# seed-0/transfer/en-ca/sparsity-0.80 (after seed-0/prune/en/sparsity-0.80)" in dry.stdout
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -122,7 +122,7 @@ def finished_study(corpus_dir, tmp_path_factory):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         records = [json.loads(p.read_text()) for p in steps_dir.glob("*.json")] if steps_dir.is_dir() else []
-        if sum(r["status"] == "done" for r in records) >= 4:  # base, fine-tune and both prunes of seed 0 finished
+        if sum(r["status"] == "done" for r in records) >= 3:  # base, fine-tune and prune of seed 0 finished
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -136,16 +136,16 @@ def finished_study(corpus_dir, tmp_path_factory):
 def test_killed_grid_resumes_without_redoing_steps(finished_study):
     path, done_before, stdout = finished_study
     study = path.parent / "study"
-    assert len(done_before) >= 4
+    assert len(done_before) >= 3
     ran, skipped = map(int, re.search(r"ran (\d+) step\(s\), skipped (\d+)", stdout).groups())
-    assert skipped == len(done_before) and ran == 13 - skipped
+    assert skipped == len(done_before) and ran == 9 - skipped
     for name in done_before:  # finished steps were not run again
         assert f"{name.removesuffix('.json').replace('__', '/')}: done already" in stdout
     records = {p.name: json.loads(p.read_text()) for p in (study / "steps").glob("*.json")}
-    assert len(records) == 13 and all(r["status"] == "done" and r["command"] and r["identity"] for r in records.values())
-    assert (study / "figures" / "iou_heatmap_0.80.png").is_file()
+    assert len(records) == 9 and all(r["status"] == "done" and r["command"] and r["identity"] for r in records.values())
+    assert (study / "figures" / "iou_noise_floor_0.80.png").is_file()
     again = grid(path, timeout=120)
-    assert "ran 0 step(s), skipped 13" in again.stdout
+    assert "ran 0 step(s), skipped 9" in again.stdout
 
 
 def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_study):
@@ -186,7 +186,7 @@ def test_edited_settings_make_exactly_their_steps_stale_and_rerun_resumes(finish
     edited.write_text(yaml.safe_dump(config | {"finetune": config["finetune"] | {"learning_rate": 1e-3}}))
     dry = grid(edited, "--dry_run", timeout=120)
     stale = set(re.findall(r"^# stale: (\S+)", dry.stdout, re.M))
-    assert stale == {f"seed-{s}/{x}" for s in (0, 1) for x in ("finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80", "iou/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
+    assert stale == {f"seed-{s}/{x}" for s in (0, 1) for x in ("finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
     assert "# stale: seed-0/finetune/en (learning_rate: 0.002 when it ran, 0.001 now)" in dry.stdout
     status = grid(edited, "--status", timeout=120)
     states = dict(re.findall(r"^(\S+)\s+(done|stale|pending|failed|running|queued)\b", status.stdout, re.M))
@@ -212,11 +212,11 @@ def test_edited_settings_make_exactly_their_steps_stale_and_rerun_resumes(finish
     assert {m.read_bytes() for m in moved} == set(before.values())  # the old results moved aside, not lost
     result = grid(edited)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"ran 1 step\(s\), skipped 12", result.stdout), result.stdout[-2000:]
+    assert re.search(r"ran 1 step\(s\), skipped 8", result.stdout), result.stdout[-2000:]
     for p in before:
         assert json.loads(p.read_text())["learning_rate"] == 1e-3
     nothing = grid(edited, "--rerun_stale", timeout=120)
-    assert nothing.returncode == 0 and "no step is stale" in nothing.stdout and "ran 0 step(s), skipped 13" in nothing.stdout
+    assert nothing.returncode == 0 and "no step is stale" in nothing.stdout and "ran 0 step(s), skipped 9" in nothing.stdout
 
 
 def _utterances(edits, lengths):

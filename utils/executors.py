@@ -236,7 +236,7 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
             if cause:
                 blocked[job.id] = blocked.get(cause, cause)
                 on_event("blocked", job, blocked[job.id])
-            elif all(n not in ids or n in finished for n in job.needs) and pool.can_start(job.resources):
+            elif all(n not in ids or n in finished for n in job.needs) and pool.can_start(job):
                 write_json_atomic(job.record, job.record_base | {"status": "queued", "queued": time.time(), "executor": "local"})
                 pool.start(job)
                 on_event("started", job, None)
@@ -249,31 +249,37 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
 
 
 class LocalPool:
-    """Runs jobs through submitit's local executor, at most ``slots`` at once, each pinned to its
-    own GPUs (``CUDA_VISIBLE_DEVICES``; none for CPU jobs)."""
+    """Runs jobs through submitit's local executor: at most ``slots`` at once, their threads within
+    the machine's cores (a job asking for all of them runs alone), each pinned to its own GPUs
+    (``CUDA_VISIBLE_DEVICES``; none for CPU jobs)."""
 
-    def __init__(self, folder: Path, slots: int, gpus: int):
+    def __init__(self, folder: Path, slots: int, gpus: int, cores: Optional[int] = None):
         import submitit
 
         self.executor = submitit.LocalExecutor(folder=str(folder))
         self.slots = slots
+        self.cores = cores or os.cpu_count() or 1
         self.free_gpus = list(range(gpus))
-        self.running: dict[str, tuple[Any, list[int]]] = {}
+        self.running: dict[str, tuple[Any, list[int], int]] = {}
 
-    def can_start(self, resources: Resources) -> bool:
-        return len(self.running) < self.slots and resources.gpus <= len(self.free_gpus)
+    def _cores_of(self, spec: JobSpec) -> int:
+        return min(spec.threads or 1, self.cores)
+
+    def can_start(self, spec: JobSpec) -> bool:
+        busy = sum(cores for _, _, cores in self.running.values())
+        return len(self.running) < self.slots and spec.resources.gpus <= len(self.free_gpus) and busy + self._cores_of(spec) <= self.cores
 
     def start(self, spec: JobSpec) -> str:
         n = spec.resources.gpus
         gpus, self.free_gpus = self.free_gpus[:n], self.free_gpus[n:]
         self.executor.update_parameters(timeout_min=spec.resources.time_min, gpus_per_node=len(gpus), visible_gpus=tuple(gpus))
         job = self.executor.submit(run_job, spec)
-        self.running[spec.id] = (job, gpus)
+        self.running[spec.id] = (job, gpus, self._cores_of(spec))
         return str(job.job_id)
 
     def finished(self) -> list[str]:
-        """Ids of the jobs that ended since the last call; their GPUs are free again."""
-        ended = [job_id for job_id, (job, _) in self.running.items() if job.done()]
+        """Ids of the jobs that ended since the last call; their GPUs and cores are free again."""
+        ended = [job_id for job_id, (job, _, _) in self.running.items() if job.done()]
         for job_id in ended:
             self.free_gpus += self.running.pop(job_id)[1]
         self.free_gpus.sort()
