@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from utils.executors import EXECUTORS, local_gpu_count, run_local, slurm_executor, submit_slurm
-from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_record_path, step_states, step_status
+from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
+from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
-from utils.runs import run_cli, write_json_atomic
+from utils.runs import run_cli
 
 
 def check_flags(config) -> None:
@@ -116,13 +116,12 @@ def main():
         downstream = f" and {len(stale) - len(changed)} step(s) that depend on them" if len(stale) > len(changed) else ""
         raise ValueError(f"{len(stale)} finished step(s) are stale: {names}{downstream}. "
                          "Re-run with --rerun_stale (their outputs are moved aside, not deleted), or restore the config")
-    executor = slurm_executor(Path(config.output_dir) / "submitit") if args.executor == "slurm" else None  # refused before any work
-    gpus = local_gpu_count() if args.executor == "local" else 0
-    if args.executor == "local":
-        for step in todo:
-            if config.resources_of(step.kind).gpus > gpus or config.resources_of(step.kind).nodes > 1:
-                raise ValueError(f"resources.{step.kind} asks for {config.resources_of(step.kind).gpus} GPU(s) on {config.resources_of(step.kind).nodes} node(s) "
-                                 f"but this machine has {gpus} GPU(s): lower them, or use --executor slurm")
+    # Refused before any work: Slurm without sbatch, a local step this machine cannot hold.
+    executor = slurm_executor(Path(config.output_dir) / "submitit") if args.executor == "slurm" else None
+    jobs = [job_spec(config, step, max(1, (os.cpu_count() or 1) // args.slots)) for step in todo]
+    if executor is None:
+        gpus = local_gpu_count()
+        check_local(jobs, gpus)
     if args.rerun_stale:
         if not stale:
             print("--rerun_stale: no step is stale; running the unfinished steps as usual", flush=True)
@@ -134,14 +133,10 @@ def main():
     print(f"study {config.name}: {len(steps)} steps, {len(steps) - len(todo)} already done -> {config.output_dir}", flush=True)
     if executor is not None:
         job_ids: dict[str, str] = {}
-        for step in todo:
-            spec = job_spec(config, step)
-            job_ids[step.id] = submit_slurm(executor, spec, spec.resources, config.slurm, [job_ids[n] for n in step.needs if n in job_ids])
-            record = json.loads(step_record_path(config.output_dir, step).read_text()) if step_record_path(config.output_dir, step).is_file() else {}
-            if record.get("status") not in ("running", "done") or record.get("job_id") != job_ids[step.id]:
-                write_json_atomic(step_record_path(config.output_dir, step), spec.record_base | {"status": "queued", "job_id": job_ids[step.id], "executor": "slurm", "queued": time.time()})
+        for step, spec in zip(todo, jobs):
+            job_ids[step.id] = submit_slurm(executor, spec, config.slurm, [job_ids[n] for n in step.needs if n in job_ids])
             print(f"  {step.id}: job {job_ids[step.id]}" + (f" after {', '.join(job_ids[n] for n in step.needs if n in job_ids)}" if any(n in job_ids for n in step.needs) else ""), flush=True)
-        report_job = submit_slurm(executor, job_spec(config, report_step(args.config, config)), config.resources_of("report"), config.slurm, list(job_ids.values()))
+        report_job = submit_slurm(executor, job_spec(config, report_step(args.config, config)), config.slurm, list(job_ids.values()))
         print(f"submitted {len(job_ids)} step(s) and the report (job {report_job}); follow with: python run_grid.py --config {args.config} --status")
         return
 
@@ -165,8 +160,6 @@ def main():
     for step in steps:
         if step.done.exists():
             print(f"[{index[step.id]:>3}/{len(steps)}] {step.id}: done already", flush=True)
-    threads = max(1, (os.cpu_count() or 1) // args.slots)
-    jobs = [job_spec(config, step, threads) for step in todo]
     failed, blocked = run_local(jobs, Path(config.output_dir) / "submitit", args.slots, gpus, progress)
     ran = len(todo) - len(blocked)
     if failed:

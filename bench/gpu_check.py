@@ -117,7 +117,7 @@ def main() -> None:
     import tempfile
 
     shapes = {n: tuple(p.shape) for n, p in params.items()}
-    del model, optimizer, params, mask, hold
+    model = optimizer = params = mask = hold = None  # free the training state before the IoU part
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(10):

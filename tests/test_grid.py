@@ -363,7 +363,7 @@ def test_slurm_submission_writes_the_resources_and_dependencies(tmp_path, corpus
     assert sorted(sbatch(report)["dependency"].removeprefix("afterok:").split(":")) == sorted(job_of.values())
     status = subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(config), "--status"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert f"seed-0/finetune/en" in status.stdout and re.search(rf"seed-0/finetune/en\s+queued\s+{job_of['seed-0/finetune/en']}", status.stdout)
+    assert "seed-0/finetune/en" in status.stdout and re.search(rf"seed-0/finetune/en\s+queued\s+{job_of['seed-0/finetune/en']}", status.stdout)
     # Without sbatch: refused before anything is written.
     plain = dict(env, PATH="/usr/bin:/bin")
     other = write_study(tmp_path, "other.yaml", output_dir=str(tmp_path / "other"))
@@ -373,7 +373,7 @@ def test_slurm_submission_writes_the_resources_and_dependencies(tmp_path, corpus
 
 
 def test_multinode_command_and_bad_resources(tmp_path):
-    from utils.executors import Resources, launch_command, node_command, parse_resources
+    from utils.executors import Resources, launch_command, parse_resources
 
     launch = launch_command("accelerate launch", Resources(gpus=4, nodes=2))
     assert launch == ["accelerate", "launch", "--num_processes", "8", "--num_machines", "2", "--multi_gpu"]

@@ -207,16 +207,20 @@ def local_gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def check_local(jobs: list[JobSpec], gpus: int) -> None:
+    """Every job must fit this machine: its GPUs, and one node."""
+    for job in jobs:
+        if job.resources.gpus > gpus or job.multinode:
+            raise ValueError(f"step {job.id} asks for {job.resources.gpus} GPU(s) on {job.resources.nodes} node(s) but this machine has "
+                             f"{gpus} GPU(s): lower its resources, or use --executor slurm")
+
+
 def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event=print) -> tuple[dict[str, dict], dict[str, str]]:
     """Run ``jobs`` (in dependency order) on this machine, at most ``slots`` at a time, each as soon
     as the jobs it needs have finished. A failed job stops only the jobs that depend on it.
     Returns the records of the failed jobs and, for each job not run, the failure that blocked it.
-    ``on_event(kind, job, detail)`` is told of every start, end and block."""
-    for job in jobs:
-        if job.resources.gpus > gpus:
-            raise ValueError(f"step {job.id} asks for {job.resources.gpus} GPU(s) but this machine has {gpus}: lower resources.*.gpus or use --executor slurm")
-        if job.multinode:
-            raise ValueError(f"step {job.id} asks for {job.resources.nodes} nodes: only --executor slurm runs a step on several nodes")
+    ``on_event(kind, job, detail)`` is told of every start, end and block. Check the jobs with
+    ``check_local`` first."""
     ids = {job.id for job in jobs}
     pool = LocalPool(folder, slots, gpus)
     pending, finished, failed, blocked = list(jobs), set(), {}, {}
@@ -298,9 +302,10 @@ def slurm_executor(folder: Path):
     return submitit.SlurmExecutor(folder=str(folder / "%j"))
 
 
-def submit_slurm(executor, spec: JobSpec, resources: Resources, slurm: dict[str, Any], after: list[str]) -> str:
+def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str]) -> str:
     """Submit one step as an sbatch job: its resources, the cluster settings, and ``afterok`` on
-    the job ids of the steps it needs that are queued or running."""
+    the job ids of the steps it needs that are queued or running; its record says queued."""
+    resources = spec.resources
     parameters: dict[str, Any] = {
         "job_name": spec.id.replace("/", "_"),
         "nodes": resources.nodes,
@@ -317,4 +322,8 @@ def submit_slurm(executor, spec: JobSpec, resources: Resources, slurm: dict[str,
     for key in ("partition", "account", "qos", "constraint"):
         parameters[key] = slurm.get(key) or None
     executor.update_parameters(**parameters)
-    return str(executor.submit(run_job, spec).job_id)
+    job_id = str(executor.submit(run_job, spec).job_id)
+    record = read_record(spec.record) or {}
+    if record.get("job_id") != job_id or record.get("status") not in ("running", "done", "failed"):  # unless the job already began
+        write_json_atomic(spec.record, spec.record_base | {"status": "queued", "job_id": job_id, "executor": "slurm", "queued": time.time()})
+    return job_id

@@ -39,7 +39,7 @@ from .executors import TRAINING_KINDS, JobSpec, Resources, launch_command, parse
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
 from .model import has_local_config_only
-from .runs import RUNTIME_FIELDS, first_difference, write_json_atomic
+from .runs import RUNTIME_FIELDS, first_difference
 from .tickets import local_ticket_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean, pstdev, stdev
+from statistics import mean, stdev
 from typing import Optional
 
 import numpy as np
