@@ -138,7 +138,7 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
                 f"output_dir {output_dir!r} holds a different run ({describe_difference(difference)}): "
                 "choose another --output_dir, or re-run with the recorded settings to resume it"
             )
-    elif path.is_dir() and any(path.iterdir()):
+    elif is_main_process and path.is_dir() and any(path.iterdir()):  # other ranks may see the main one's files appear
         raise FileExistsError(
             f"output_dir {output_dir!r} is not empty and has no {SIGNATURE_FILE}: expected an empty or new directory"
         )
