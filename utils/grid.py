@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .executors import TRAINING_KINDS, JobSpec, Resources, launch_command, parse_resources, parse_slurm
+from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
 from .model import has_local_config_only
@@ -296,8 +296,7 @@ def step_states(config: StudyConfig, steps: list[Step]) -> dict[str, StepState]:
         if not step.done.exists():
             states[step.id] = StepState("todo")
             continue
-        path = step_record_path(config.output_dir, step)
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("identity") if path.is_file() else None
+        recorded = (read_record(step_record_path(config.output_dir, step)) or {}).get("identity")
         if recorded is None or recorded == step.identity:
             states[step.id] = StepState("done")
             continue
@@ -343,8 +342,7 @@ def step_status(config: StudyConfig, steps: list[Step]) -> list[dict]:
     rows = []
     now = time.time()
     for step in steps:
-        path = step_record_path(config.output_dir, step)
-        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        record = read_record(step_record_path(config.output_dir, step)) or {}
         state = states[step.id].state
         if state == "todo":
             state = record.get("status") if record.get("status") in ("running", "queued", "failed") else "pending"
