@@ -1,8 +1,6 @@
 # Two commands do all the set-up:  `make demo`  and  `make test`.
 # Each creates/refreshes .venv (CPU torch pinned first, so no CUDA build is pulled) and installs
 # the system packages it needs (ffmpeg for torchcodec, espeak-ng for the generated corpus).
-# --no-compile: byte-compiling all of site-packages took ~70 s of a fresh setup here; Python compiles
-# the modules actually imported on first use instead.
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
@@ -23,8 +21,8 @@ system-packages:
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check --no-compile "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
 demo: setup
