@@ -6,6 +6,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_SLOTS ?= 2
+TEST_WORKERS ?= auto
 
 .PHONY: setup system-packages demo test clean
 
@@ -29,7 +30,7 @@ demo: setup
 	$(PY) run_grid.py --config configs/demo.yaml --slots $(DEMO_SLOTS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -154,29 +154,28 @@ def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExt
 # Sources
 
 
-def load_raw_splits(args: DataArguments, language: Language) -> DatasetDict:
-    """The three splits of ``language`` from the source ``args`` names, as ``audio`` + ``text``."""
+def load_raw_splits(args: DataArguments, language: Language, splits: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
+    """The ``splits`` of ``language`` from the source ``args`` names, as ``audio`` + ``text``.
+    Without ``require_text`` (self-supervised pretraining) a source may lack transcripts."""
     if args.data_dir:
-        splits = load_local_splits(args.data_dir)
+        out = load_local_splits(args.data_dir, splits, require_text)
     elif args.dataset_name == GENERATED:
         from .corpus import generate_corpus
 
         corpus_dir = os.path.expanduser(args.generated_corpus_dir)
         generate_corpus(corpus_dir, [language.code], args.generated_num_train, args.generated_num_eval)
-        splits = load_local_splits(os.path.join(corpus_dir, language.code))
+        out = load_local_splits(os.path.join(corpus_dir, language.code), splits)
     elif args.dataset_name == FLEURS_REPO:
         config = args.dataset_config_name or language.fleurs
         names = {"train": args.train_split_name, "validation": args.eval_split_name or "dev", "test": args.test_split_name}
-        splits = DatasetDict(
-            {split: load_fleurs_split(config, name, args.dataset_revision) for split, name in names.items()}
-        )
+        out = DatasetDict({split: load_fleurs_split(config, names[split], args.dataset_revision) for split in splits})
     else:
-        splits = load_hub_splits(args, language)
+        out = load_hub_splits(args, language, splits, require_text)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
     for split, limit in limits.items():
-        if limit is not None:
-            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
-    return splits
+        if limit is not None and split in out:
+            out[split] = out[split].select(range(min(limit, len(out[split]))))
+    return out
 
 
 def _audio_text_dataset(paths: list[str], texts: list[str], ids: list[str]) -> Dataset:
@@ -184,21 +183,21 @@ def _audio_text_dataset(paths: list[str], texts: list[str], ids: list[str]) -> D
     return dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
 
 
-def load_local_splits(data_dir: str) -> DatasetDict:
+def load_local_splits(data_dir: str, names: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
     """An audiofolder-layout directory: ``<split>/metadata.csv`` with ``file_name`` and
-    ``transcription`` columns, audio paths relative to the split folder. Rows whose audio file is
-    missing are skipped and counted."""
+    ``transcription`` columns (``file_name`` alone without ``require_text``), audio paths relative
+    to the split folder. Rows whose audio file is missing are skipped and counted."""
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
     splits = {}
-    for split in SPLITS:
+    for split in names:
         metadata = root / split / "metadata.csv"
         if not metadata.is_file():
-            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(SPLITS)}/ each with metadata.csv")
+            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(names)}/ each with metadata.csv")
         with open(metadata, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing_columns = {"file_name", "transcription"} - set(reader.fieldnames or ())
+            missing_columns = {"file_name", "transcription"} - set(reader.fieldnames or ()) - (set() if require_text else {"transcription"})
             if missing_columns:
                 raise ValueError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
             rows = list(reader)
@@ -207,7 +206,7 @@ def load_local_splits(data_dir: str) -> DatasetDict:
             path = root / split / row["file_name"]
             if path.is_file():
                 paths.append(str(path))
-                texts.append(row["transcription"] or "")
+                texts.append(row.get("transcription") or "")
                 ids.append(row["file_name"])
             else:
                 missing.append(row["file_name"])
@@ -265,7 +264,7 @@ def _extract_once(archive: str) -> Path:
     return target
 
 
-def load_hub_splits(args: DataArguments, language: Language) -> DatasetDict:
+def load_hub_splits(args: DataArguments, language: Language, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
     """Any Hub dataset that ``load_dataset`` reads (Parquet, audiofolder, Common Voice...)."""
     names = {
         "train": args.train_split_name,
@@ -273,8 +272,11 @@ def load_hub_splits(args: DataArguments, language: Language) -> DatasetDict:
         "test": args.test_split_name,
     }
     splits = {}
-    for split, name in names.items():
+    for split in wanted:
+        name = names[split]
         dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=name, revision=args.dataset_revision)
+        if not require_text and args.text_column_name not in dataset.column_names:
+            dataset = dataset.add_column(args.text_column_name, [""] * len(dataset))
         for column in (args.audio_column_name, args.text_column_name):
             if column not in dataset.column_names:
                 raise ValueError(
@@ -322,12 +324,13 @@ def normalize_splits(splits: DatasetDict, language: Language, chars_to_ignore: O
 FEATURES_VERSION = 1  # bump when featurize changes what it writes: old cached features are then ignored
 
 
-def features_fingerprint(split: Dataset, processor: Wav2Vec2Processor, limits: dict) -> str:
+def features_fingerprint(split: Dataset, processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor], limits: dict) -> str:
     """What a split's features depend on: its rows (ids, texts, audio paths with their sizes and
     modification times), the tokenizer's vocabulary, the feature extractor's settings and the
     filtering limits. Equal fingerprints mean equal features, whichever step computes them."""
-    digest = hashlib.sha256(json.dumps({"version": FEATURES_VERSION, "limits": limits, "vocab": processor.tokenizer.get_vocab(),
-                                        "extractor": processor.feature_extractor.to_dict()}, sort_keys=True, default=str).encode())
+    tokenizer = getattr(processor, "tokenizer", None)
+    digest = hashlib.sha256(json.dumps({"version": FEATURES_VERSION, "limits": limits, "vocab": tokenizer.get_vocab() if tokenizer else None,
+                                        "extractor": getattr(processor, "feature_extractor", processor).to_dict()}, sort_keys=True, default=str).encode())
     audio = split.cast_column("audio", Audio(decode=False))["audio"] if "audio" in split.column_names else []
     for uid, text, item in zip(split["id"], split["text"], audio):
         path = item.get("path") or ""
@@ -345,30 +348,34 @@ def features_cache_dir() -> Path:
 
 def prepare_features(
     splits: DatasetDict,
-    processor: Wav2Vec2Processor,
+    processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor],
     frames_for_samples,
     min_samples: int,
     max_samples: int,
     num_proc: Optional[int] = None,
     cache_key: Optional[dict] = None,
+    min_frames: int = 1,
 ) -> DatasetDict:
     """Decode audio (16 kHz), extract ``input_values``, tokenise ``labels`` and filter, logging a
     count per reason: unreadable audio, too short (under the receptive field ``min_samples`` or
-    ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align).
+    ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align) or
+    than ``min_frames``. Given a bare feature extractor (pretraining), ``labels`` stay empty.
 
     With ``cache_key`` (what ``frames_for_samples`` depends on), each split's features are cached
     as an Arrow file named by its fingerprint in the datasets cache: the main process computes
     them once (the scripts wrap this in ``main_process_first``) and the other ranks, and every
     later step on the same data with the same vocabulary, load them instead."""
     decoder = Audio(sampling_rate=SAMPLING_RATE)
+    extractor = getattr(processor, "feature_extractor", processor)
+    tokenizer = getattr(processor, "tokenizer", None)
 
     def featurize(row):
         try:
             array = decoder.decode_example(row["audio"])["array"]
         except Exception:  # any decoder failure means the same thing: this file cannot be used
             return {"input_values": np.zeros(0, np.float32), "labels": [], "input_length": 0, "skip": "unreadable audio"}
-        input_values = np.asarray(processor.feature_extractor(array, sampling_rate=SAMPLING_RATE).input_values[0], np.float32)
-        labels = processor.tokenizer(row["text"]).input_ids
+        input_values = np.asarray(extractor(array, sampling_rate=SAMPLING_RATE).input_values[0], np.float32)
+        labels = tokenizer(row["text"]).input_ids if tokenizer else []
         n = len(array)
         skip = ""
         if n < min_samples:
@@ -377,6 +384,8 @@ def prepare_features(
             skip = f"longer than {max_samples} samples"
         elif frames_for_samples(n) < len(labels):
             skip = "fewer output frames than label tokens"
+        elif frames_for_samples(n) < min_frames:
+            skip = f"fewer than {min_frames} output frames"
         return {"input_values": input_values, "labels": labels, "input_length": n, "skip": skip}
 
     features = Features(
@@ -393,7 +402,7 @@ def prepare_features(
     for name, dataset in splits.items():
         cache_file = None
         if cache_key is not None:
-            limits = {"min_samples": min_samples, "max_samples": max_samples, **cache_key}
+            limits = {"min_samples": min_samples, "max_samples": max_samples, **cache_key} | ({"min_frames": min_frames} if min_frames > 1 else {})
             fingerprint = features_fingerprint(dataset, processor, limits)
             cache_file = features_cache_dir() / f"{fingerprint}.arrow"
             cache_file.parent.mkdir(parents=True, exist_ok=True)

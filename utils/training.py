@@ -169,9 +169,10 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
 
 
 def write_card_or_push(trainer: Trainer, **card) -> None:
-    """The model card (speech-recognition task), and the Hub push when ``--push_to_hub`` asks for it.
-    A local ``finetuned_from`` is left out: the Hub accepts only repo ids as ``base_model``."""
-    card["tasks"] = "automatic-speech-recognition"
+    """The model card (the speech-recognition task unless ``tasks`` says otherwise), and the Hub push
+    when ``--push_to_hub`` asks for it. A local ``finetuned_from`` is left out: the Hub accepts only
+    repo ids as ``base_model``."""
+    card.setdefault("tasks", "automatic-speech-recognition")
     if card.get("finetuned_from") and os.path.exists(card["finetuned_from"]):
         card.pop("finetuned_from")
     if trainer.args.push_to_hub:

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Self-supervised wav2vec 2.0 pretraining on a chosen language mixture: the base of a study.
+
+    # from scratch, an English-heavy mixture of FLEURS audio (10 h in all)
+    accelerate launch run_pretrain.py --model_name_or_path configs/tiny-wav2vec2 \
+        --mixture en=0.7 de=0.1 es=0.1 fr=0.1 --total_hours 10 --output_dir bases/imbalanced \
+        --num_train_epochs 20 --per_device_train_batch_size 16 --learning_rate 5e-4 --bf16
+    # continued from XLS-R on a balanced mixture of local recordings, one audiofolder per language
+    accelerate launch run_pretrain.py --model_name_or_path facebook/wav2vec2-xls-r-300m \
+        --mixture en=0.25 de=0.25 es=0.25 fr=0.25 --total_clips 20000 --data_dir /data/{language} ...
+
+The objective is ``Wav2Vec2ForPreTraining``'s (contrastive + diversity loss over masked frames,
+see ``utils/pretraining.py``); transcripts are not needed. The saved base (``output_dir``) loads
+with ``AutoModelForCTC.from_pretrained`` (a new CTC head), so ``run_finetune.py
+--model_name_or_path <output_dir>`` fine-tunes it exactly like XLS-R. ``mixture.json`` beside it
+records the clips and seconds actually drawn per language.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import AutoConfig, AutoFeatureExtractor, HfArgumentParser, Wav2Vec2ForPreTraining, set_seed
+
+from utils.data import DataArguments
+from utils.mixture import load_mixture_splits, parse_mixture
+from utils.model import has_local_config_only
+from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingArguments, PretrainingTrainer
+from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
+from utils.training import write_card_or_push
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainModelArguments:
+    """The model to pretrain (a config directory starts from random weights; a checkpoint with a
+    quantiser continues) and the masking of the objective."""
+
+    model_name_or_path: str = field(metadata={"help": "Config dir (from scratch) or a pretrained checkpoint with its quantiser (continue)."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    freeze_feature_encoder: bool = field(default=False, metadata={"help": "Keep the conv feature encoder frozen."})
+    mask_time_prob: float = field(default=0.65, metadata={"help": "About this share of each clip's frames is masked (wav2vec 2.0: 0.65 with spans of 10)."})
+    mask_time_length: int = field(default=10, metadata={"help": "Frames per masked span."})
+    mask_time_min_masks: int = field(default=2, metadata={"help": "At least this many spans per clip."})
+    num_negatives: Optional[int] = field(default=None, metadata={"help": "Distractors per masked frame (default: the config's)."})
+
+
+@dataclass
+class MixtureArguments:
+    """Which languages in which shares, and how much audio in all."""
+
+    mixture: list[str] = field(metadata={"help": "Shares summing to 1, e.g. en=0.5 de=0.25 es=0.25."})
+    total_clips: Optional[int] = field(default=None, metadata={"help": "Training clips in all (or --total_hours)."})
+    total_hours: Optional[float] = field(default=None, metadata={"help": "Training audio in all, in hours (or --total_clips)."})
+    eval_clips: int = field(default=100, metadata={"help": "Validation clips, drawn in the same shares."})
+
+
+def main():
+    # 1. Arguments: model, mixture, data source and every TrainingArguments flag.
+    parser = HfArgumentParser((PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, mix_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, mix_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    shares = parse_mixture(mix_args.mixture)
+    if (mix_args.total_clips is None) == (mix_args.total_hours is None):
+        raise ValueError("give exactly one of --total_clips or --total_hours")
+    if (mix_args.total_clips or 1) <= 0 or (mix_args.total_hours or 1) <= 0:
+        raise ValueError(f"total {mix_args.total_clips or mix_args.total_hours}: expected a positive size")
+    if data_args.language:
+        raise ValueError(f"--language {data_args.language}: pretraining takes --mixture instead")
+    setup_logging(training_args.should_log)
+    logger.info("pretraining %s on %s", model_args.model_name_or_path, " ".join(f"{k}={v:g}" for k, v in shares.items()))
+
+    # 2. Output dir: new, or this same run (which resumes from its last checkpoint).
+    signature = run_signature("run_pretrain.py", model_args, mix_args, data_args, training_args)
+    last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
+    set_seed(training_args.seed)
+
+    # 3. Model: random weights from a config, or a checkpoint whose quantiser we continue training.
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    if model_args.num_negatives is not None:
+        config.num_negatives = model_args.num_negatives
+    # The masked-frame embedding exists only when the config masks: build it with the pretraining
+    # value, and give the saved base back its own value (what fine-tuning's SpecAugment reads).
+    fine_tuning_mask_time_prob = config.mask_time_prob
+    config.mask_time_prob = model_args.mask_time_prob
+    if has_local_config_only(model_args.model_name_or_path):
+        model = Wav2Vec2ForPreTraining(config)
+    else:
+        model, info = Wav2Vec2ForPreTraining.from_pretrained(
+            model_args.model_name_or_path, config=config, revision=model_args.model_revision, output_loading_info=True
+        )
+        lacking = sorted(k for k in info["missing_keys"] if k.startswith(("quantizer.", "project_q.", "project_hid.")))
+        if lacking:
+            raise ValueError(
+                f"{model_args.model_name_or_path} has no quantiser ({lacking[0]} and {len(lacking) - 1} more missing): "
+                "continued pretraining needs a pretrained checkpoint with one (e.g. facebook/wav2vec2-xls-r-300m), or a config dir to start from scratch"
+            )
+    if model_args.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    feature_extractor = AutoFeatureExtractor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+
+    # 4. The mixture: each language decoded and filtered once (cached), then drawn in its share.
+    with training_args.main_process_first(desc="mixture"):
+        splits, record = load_mixture_splits(
+            data_args, shares, feature_extractor, config, min_frames=model_args.mask_time_length + 1,
+            total_clips=mix_args.total_clips, total_hours=mix_args.total_hours, eval_clips=mix_args.eval_clips, seed=training_args.seed,
+        )
+    for code, drawn in record["drawn"]["train"].items():
+        logger.info("drawn %s: %d clips, %.1f s (%.1f%% of the audio; asked %.1f%%)", code, drawn["clips"], drawn["seconds"],
+                    100 * drawn["share_of_seconds"], 100 * shares[code])
+    if training_args.process_index == 0:
+        write_json_atomic(os.path.join(training_args.output_dir, "mixture.json"), record)
+
+    # 5. Trainer: the collator masks and draws negatives; the Trainer normalises and logs the objective.
+    collator = DataCollatorForWav2Vec2Pretraining(
+        model=model, feature_extractor=feature_extractor, mask_time_prob=model_args.mask_time_prob,
+        mask_time_length=model_args.mask_time_length, mask_time_min_masks=model_args.mask_time_min_masks,
+        num_negatives=config.num_negatives, seed=training_args.seed,
+    )
+    trainer = PretrainingTrainer(
+        model=model, args=training_args, data_collator=collator, train_dataset=splits["train"],
+        eval_dataset=splits["validation"], processing_class=feature_extractor,
+    )
+
+    # 6. Train (resuming this run's last checkpoint), save the base, evaluate it.
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    model.config.mask_time_prob = fine_tuning_mask_time_prob
+    trainer.save_model()
+    metrics = train_result.metrics | {"train_samples": len(splits["train"])}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate() | {"eval_samples": len(splits["validation"])}
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+
+    # 7. Model card, and the Hub push when asked for.
+    write_card_or_push(trainer, finetuned_from=model_args.model_name_or_path, tasks=None,
+                       dataset=data_args.data_dir or data_args.dataset_name, tags=["wav2vec2", "pretraining", "language-tickets"])
+
+
+if __name__ == "__main__":
+    run_cli(main)
