@@ -3,7 +3,7 @@
 language with the same steps from an SSL-pretrained base and from scratch (the baseline, in the
 same run) and prints test CER with 95% bootstrap intervals and the paired difference.
 
-    python bench/ssl_vs_scratch.py --work_dir /tmp/ssl-vs-scratch            # ~15 min on 2 cores
+    python bench/ssl_vs_scratch.py --work_dir /tmp/ssl-vs-scratch            # ~20 min on 2 cores
     python bench/ssl_vs_scratch.py --pretrain_epochs 12 --seeds 0 1          # longer pretraining, 2 seeds
 
 Steps, each a script of ours in its own process: a generated corpus (en, de, es: 1,000 training
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", default="/tmp/ssl-vs-scratch")
     parser.add_argument("--pretrain_epochs", type=int, default=6, help="epochs over the 2,000-clip mixture (250 updates each)")
-    parser.add_argument("--finetune_epochs", type=int, default=2, help="epochs over 1,000 English clips (125 updates each)")
+    parser.add_argument("--finetune_epochs", type=int, default=6, help="epochs over 1,000 English clips (125 updates each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (the base is pretrained once, seed 0)")
     args = parser.parse_args()
 
@@ -64,7 +64,7 @@ def main() -> None:
     rows = {"scratch": [], "ssl": []}
     for seed in args.seeds:
         for name, start in (("scratch", TINY), ("ssl", base)):
-            out = work / f"finetune-{name}-{args.pretrain_epochs if name == 'ssl' else 0}ep-seed{seed}"
+            out = work / f"finetune-{name}-pt{args.pretrain_epochs if name == 'ssl' else 0}-ft{args.finetune_epochs}-seed{seed}"
             if not (out / "all_results.json").is_file():
                 seconds[f"{name}-{seed}"] = run("run_finetune.py", [
                     "--language", "en", "--data_dir", str(corpus["en"]), "--model_name_or_path", str(start), "--output_dir", str(out),
@@ -82,7 +82,7 @@ def main() -> None:
         "test_cer": {name: {"estimate": i.estimate, "low": i.low, "high": i.high, "per_seed": list(rates[name].per_seed())} for name, i in cer.items()},
         "ssl_minus_scratch": {"estimate": diff.estimate, "low": diff.low, "high": diff.high}, "seconds": seconds,
     }
-    (work / f"results-{args.pretrain_epochs}ep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / f"results-pt{args.pretrain_epochs}-ft{args.finetune_epochs}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"SSL pretraining: {updates} updates; contrastive loss {log[0]['contrastive_loss']:.3f} -> {log[-1]['contrastive_loss']:.3f}, "
           f"accuracy {log[0]['contrastive_accuracy']:.3f} -> {log[-1]['contrastive_accuracy']:.3f}, perplexity "
           f"{log[0]['codevector_perplexity']:.1f} -> {log[-1]['codevector_perplexity']:.1f}")

@@ -452,7 +452,9 @@ def load_language_splits(args: DataArguments, language: Language) -> tuple[Datas
     return raw, vocab
 
 
-def vectorize_splits(raw: DatasetDict, processor: Wav2Vec2Processor, config, args: DataArguments) -> DatasetDict:
+def vectorize_splits(
+    raw: DatasetDict, processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor], config, args: DataArguments, min_frames: int = 1
+) -> DatasetDict:
     """``prepare_features`` with the limits a model config and the duration flags imply."""
     return prepare_features(
         raw,
@@ -462,4 +464,5 @@ def vectorize_splits(raw: DatasetDict, processor: Wav2Vec2Processor, config, arg
         max_samples=int(args.max_duration_in_seconds * SAMPLING_RATE),
         num_proc=args.preprocessing_num_workers,
         cache_key={"conv_kernel": list(config.conv_kernel), "conv_stride": list(config.conv_stride)},
+        min_frames=min_frames,
     )

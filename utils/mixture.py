@@ -146,8 +146,7 @@ def load_mixture_splits(
 
     from datasets import DatasetDict, concatenate_datasets
 
-    from .data import SAMPLING_RATE, load_raw_splits, prepare_features
-    from .model import frames_for_samples, receptive_field
+    from .data import SAMPLING_RATE, load_raw_splits, vectorize_splits
 
     per_language = {}
     for code in shares:
@@ -157,16 +156,7 @@ def load_mixture_splits(
             dataset_config_name=(data_args.dataset_config_name or "").replace("{language}", code) or None,
         )
         raw = load_raw_splits(args, resolve_language(code), splits=("train", "validation"), require_text=False)
-        per_language[code] = prepare_features(
-            raw,
-            feature_extractor,
-            frames_for_samples=lambda n: frames_for_samples(model_config, n),
-            min_samples=max(receptive_field(model_config), int(data_args.min_duration_in_seconds * SAMPLING_RATE)),
-            max_samples=int(data_args.max_duration_in_seconds * SAMPLING_RATE),
-            num_proc=data_args.preprocessing_num_workers,
-            cache_key={"conv_kernel": list(model_config.conv_kernel), "conv_stride": list(model_config.conv_stride)},
-            min_frames=min_frames,
-        )
+        per_language[code] = vectorize_splits(raw, feature_extractor, model_config, data_args, min_frames)
     out, drawn, ids = {}, {}, {}
     for split in ("train", "validation"):
         durations = {code: [n / SAMPLING_RATE for n in splits[split]["input_length"]] for code, splits in per_language.items()}
