@@ -224,3 +224,25 @@ def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, mon
         vectorize_splits(raw, build_processor(permuted, extractor, str(tmp_path / "p3")), config, args)
         vectorize_splits(DatasetDict({k: v.select(range(10)) for k, v in raw.items()}), processor, config, args)
     assert caplog.text.count("features: computing") == 6
+
+
+def test_unlabelled_folder_reads_for_pretraining_only(tmp_path, caplog):
+    """A metadata.csv with file_name alone: pretraining reads it (empty texts, no labels, a
+    minimum of output frames); fine-tuning refuses it for its missing transcription column."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        _tone(tmp_path / split / "long.wav", 1.0)
+        _tone(tmp_path / split / "short.wav", 0.05)  # 800 samples: 2 frames of the tiny model
+        (tmp_path / split / "metadata.csv").write_text("file_name\nlong.wav\nshort.wav\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['transcription'\]"):
+        load_local_splits(str(tmp_path), ("train", "validation"))
+    raw = load_local_splits(str(tmp_path), ("train", "validation"), require_text=False)
+    assert set(raw) == {"train", "validation"} and raw["train"]["text"] == ["", ""]
+    config = AutoConfig.from_pretrained(TINY_CONFIG)
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare_features(raw, Wav2Vec2FeatureExtractor(), lambda n: frames_for_samples(config, n), receptive_field(config),
+                                    16000 * 20, min_frames=6)
+    assert prepared["train"]["id"] == ["long.wav"] and prepared["train"][0]["labels"] == []
+    assert frames_for_samples(config, 800) < 6 and "1 fewer than 6 output frames" in caplog.text

@@ -178,6 +178,9 @@ def test_pretraining_loss_falls_and_the_temperature_follows_its_schedule_across_
     assert logs[-1]["loss"] < 0.97 * logs[0]["loss"], (logs[0]["loss"], logs[-1]["loss"])
     assert logs[0]["codevector_perplexity"] < logs[-1]["codevector_perplexity"] and logs[-1]["codevector_perplexity"] > 20
     assert abs(logs[-1]["contrastive_loss"] - math.log(11)) < 0.2 and 0.0 < logs[-1]["contrastive_accuracy"] < 1.0
+    evaluation = json.loads((full / "eval_results.json").read_text())  # the final evaluation carries the same measures
+    assert 0.0 < evaluation["eval_contrastive_accuracy"] < 1.0 and evaluation["eval_codevector_perplexity"] > 20
+    assert evaluation["eval_loss"] == pytest.approx(evaluation["eval_contrastive_loss"] + 0.1 * evaluation["eval_diversity_loss"], abs=2e-3)
     for entry in _log(resumed):  # the update of step s ran at the temperature of step s - 1
         assert entry["gumbel_temperature"] == pytest.approx(max(2.0 * 0.99 ** (entry["step"] - 1), 0.5), abs=1e-5)
     assert [e["step"] for e in _log(resumed)] == [e["step"] for e in logs]

@@ -154,23 +154,23 @@ def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExt
 # Sources
 
 
-def load_raw_splits(args: DataArguments, language: Language, splits: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
-    """The ``splits`` of ``language`` from the source ``args`` names, as ``audio`` + ``text``.
+def load_raw_splits(args: DataArguments, language: Language, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
+    """The ``wanted`` splits of ``language`` from the source ``args`` names, as ``audio`` + ``text``.
     Without ``require_text`` (self-supervised pretraining) a source may lack transcripts."""
     if args.data_dir:
-        out = load_local_splits(args.data_dir, splits, require_text)
+        out = load_local_splits(args.data_dir, wanted, require_text)
     elif args.dataset_name == GENERATED:
         from .corpus import generate_corpus
 
         corpus_dir = os.path.expanduser(args.generated_corpus_dir)
         generate_corpus(corpus_dir, [language.code], args.generated_num_train, args.generated_num_eval)
-        out = load_local_splits(os.path.join(corpus_dir, language.code), splits)
+        out = load_local_splits(os.path.join(corpus_dir, language.code), wanted)
     elif args.dataset_name == FLEURS_REPO:
         config = args.dataset_config_name or language.fleurs
         names = {"train": args.train_split_name, "validation": args.eval_split_name or "dev", "test": args.test_split_name}
-        out = DatasetDict({split: load_fleurs_split(config, names[split], args.dataset_revision) for split in splits})
+        out = DatasetDict({split: load_fleurs_split(config, names[split], args.dataset_revision) for split in wanted})
     else:
-        out = load_hub_splits(args, language, splits, require_text)
+        out = load_hub_splits(args, language, wanted, require_text)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
     for split, limit in limits.items():
         if limit is not None and split in out:
@@ -183,7 +183,7 @@ def _audio_text_dataset(paths: list[str], texts: list[str], ids: list[str]) -> D
     return dataset.cast_column("audio", Audio(sampling_rate=SAMPLING_RATE, decode=False))
 
 
-def load_local_splits(data_dir: str, names: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
+def load_local_splits(data_dir: str, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
     """An audiofolder-layout directory: ``<split>/metadata.csv`` with ``file_name`` and
     ``transcription`` columns (``file_name`` alone without ``require_text``), audio paths relative
     to the split folder. Rows whose audio file is missing are skipped and counted."""
@@ -191,13 +191,13 @@ def load_local_splits(data_dir: str, names: tuple[str, ...] = SPLITS, require_te
     if not root.is_dir():
         raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
     splits = {}
-    for split in names:
+    for split in wanted:
         metadata = root / split / "metadata.csv"
         if not metadata.is_file():
-            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(names)}/ each with metadata.csv")
+            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(wanted)}/ each with metadata.csv")
         with open(metadata, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing_columns = {"file_name", "transcription"} - set(reader.fieldnames or ()) - (set() if require_text else {"transcription"})
+            missing_columns = ({"file_name", "transcription"} if require_text else {"file_name"}) - set(reader.fieldnames or ())
             if missing_columns:
                 raise ValueError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
             rows = list(reader)

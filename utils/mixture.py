@@ -25,13 +25,11 @@ def parse_mixture(items: list[str] | dict[str, float]) -> dict[str, float]:
     pairs = list(items.items()) if isinstance(items, dict) else []
     if not isinstance(items, dict):
         for item in items:
-            code, sep, share = str(item).partition("=")
-            try:
+            code, _, share = str(item).partition("=")
+            try:  # without "=" the share is empty and fails here too
                 pairs.append((code, float(share)))
             except ValueError:
                 raise ValueError(f"mixture entry {item!r}: expected language=share, e.g. en=0.5") from None
-            if not sep:
-                raise ValueError(f"mixture entry {item!r}: expected language=share, e.g. en=0.5")
     if not pairs:
         raise ValueError("empty mixture: expected language=share entries, e.g. en=0.5 de=0.25 es=0.25")
     shares: dict[str, float] = {}
@@ -155,7 +153,7 @@ def load_mixture_splits(
             data_dir=data_args.data_dir.replace("{language}", code) if data_args.data_dir else None,
             dataset_config_name=(data_args.dataset_config_name or "").replace("{language}", code) or None,
         )
-        raw = load_raw_splits(args, resolve_language(code), splits=("train", "validation"), require_text=False)
+        raw = load_raw_splits(args, resolve_language(code), wanted=("train", "validation"), require_text=False)
         per_language[code] = vectorize_splits(raw, feature_extractor, model_config, data_args, min_frames)
     out, drawn, ids = {}, {}, {}
     for split in ("train", "validation"):

@@ -139,7 +139,8 @@ class PretrainingTrainer(Trainer):
         with torch.no_grad():
             correct = contrastive_accuracy(outputs, inputs["sampled_negative_indices"], inputs["mask_time_indices"])
             values = [outputs.contrastive_loss / masked, outputs.diversity_loss / masked, outputs.codevector_perplexity, correct / masked, 1.0]
-            self._sums["train" if model.training else "eval"] += torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in values])
+            split = "train" if model.training else "eval"  # summed where the loss lives: no host sync per step
+            self._sums[split] = self._sums[split].to(loss.device) + torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device) for v in values])
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -151,18 +152,19 @@ class PretrainingTrainer(Trainer):
     def _means(self, split: str) -> dict[str, float]:
         sums = self._sums[split]
         if split == "eval":
-            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum")
+        sums = sums.cpu()
         self._sums[split] = torch.zeros_like(sums)
         if sums[-1] == 0:
             return {}
         return {name: round(float(value / sums[-1]), 4) for name, value in zip(SSL_MEASURES, sums[:-1])}
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        self._sums["eval"].zero_()
-        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        extra = {f"{metric_key_prefix}_{k}": v for k, v in self._means("eval").items()}
-        self.log(extra)
-        return metrics | extra
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The evaluation's own metrics gain the objective's parts (one log entry per evaluation)."""
+        self._sums["eval"] = torch.zeros_like(self._sums["eval"])
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._means("eval").items()})
+        return output
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:  # a training log: add the objective's parts and the temperature
