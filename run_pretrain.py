@@ -68,8 +68,9 @@ def main():
     shares = parse_mixture(mix_args.mixture)
     if (mix_args.total_clips is None) == (mix_args.total_hours is None):
         raise ValueError("give exactly one of --total_clips or --total_hours")
-    if (mix_args.total_clips or 1) <= 0 or (mix_args.total_hours or 1) <= 0:
-        raise ValueError(f"total {mix_args.total_clips or mix_args.total_hours}: expected a positive size")
+    total = mix_args.total_clips if mix_args.total_clips is not None else mix_args.total_hours
+    if total <= 0:
+        raise ValueError(f"total {total}: expected a positive size")
     if data_args.language:
         raise ValueError(f"--language {data_args.language}: pretraining takes --mixture instead")
     setup_logging(training_args.should_log)

@@ -236,6 +236,7 @@ def test_bad_pretraining_inputs_fail_before_any_work(pretrained, tmp_path):
         (["--model_name_or_path", str(no_quantizer), "--total_clips", "20"], "has no quantiser (project_hid.bias and"),
         (["--model_name_or_path", str(TINY_CONFIG), "--total_clips", "1000"], "asks for 500 en clips but the source holds "),
         (["--model_name_or_path", str(TINY_CONFIG), "--total_clips", "20", "--total_hours", "1"], "exactly one of --total_clips or --total_hours"),
+        (["--model_name_or_path", str(TINY_CONFIG), "--total_clips", "0"], "total 0: expected a positive size"),
     ):
         result = run_script([*args, *base, "--output_dir", str(tmp_path / "out")], env, "run_pretrain.py")
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
