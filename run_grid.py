@@ -28,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from utils.bases import write_comparison
 from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
-from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status
+from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 from utils.runs import run_cli
 
@@ -37,6 +38,7 @@ from utils.runs import run_cli
 def check_flags(config) -> None:
     """Extra flags in the config must be options of the scripts that receive them."""
     from run_finetune import CTCTrainingArguments, DataArguments, ModelArguments
+    from run_pretrain import MixtureArguments, PretrainModelArguments, PretrainingArguments
     from run_prune import PruneArguments
     from run_transfer import TransferArguments
 
@@ -47,21 +49,36 @@ def check_flags(config) -> None:
         "data": names(DataArguments),
         "finetune": names(ModelArguments, DataArguments, CTCTrainingArguments),
         "prune": names(PruneArguments),
-        "pretrain": names(ModelArguments, DataArguments, CTCTrainingArguments) | {"mixture", "num_train"},
+        "ctc_pretrain": names(ModelArguments, DataArguments, CTCTrainingArguments) | {"mixture", "num_train"},
+        "ssl_pretrain": names(PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments),
         "transfer": names(TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
     }
-    for section, valid in allowed.items():
-        unknown = sorted(set(getattr(config, section)) - valid)
+    sections = {section: getattr(config, section) for section in allowed} | {f"bases.{name}": settings for name, settings in config.bases.items()}
+    for section, settings in sections.items():
+        unknown = sorted(set(settings) - allowed[section.partition(".")[0].replace("bases", "ssl_pretrain")])
         if unknown:
             raise ValueError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
 
 
 def aggregate(config, steps) -> Path:
-    """Every transfer result in one table (with its interval), and the report."""
-    rows, ious, seed_ious = collect(config, steps)
-    write_csv_atomic(Path(config.output_dir) / "results.csv", result_rows(rows), RESULT_COLUMNS)
+    """Every transfer result in one table (with its interval), and the report; with several bases,
+    each base's own report and the comparison of the bases above them."""
     upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
-    return write_report(config.output_dir, rows, ious, upstreams, config.downstream, f"Study: {config.name}", config.note, seed_ious)
+    per_base, table = {}, []
+    for name, folder, prefix in sub_studies(config):
+        rows, ious, seed_ious = collect(config, steps, prefix)
+        write_csv_atomic(folder / "results.csv", result_rows(rows), RESULT_COLUMNS)
+        title = f"Study: {config.name}" + (f", base {name}" if name else "")
+        report = write_report(folder, rows, ious, upstreams, config.downstream, title, config.note, seed_ious)
+        per_base[name] = (rows, ious, seed_ious)
+        table += [row | {"base": name} for row in result_rows(rows)]
+    if not config.bases:
+        return report
+    write_csv_atomic(Path(config.output_dir) / "results.csv", table, ["base"] + RESULT_COLUMNS)
+    mixtures = {name: settings["mixture"] for name, settings in config.bases.items()}
+    path, _ = write_comparison(config.output_dir, per_base, config.sparsities, config.upstream, config.downstream, config.dominant, mixtures,
+                               f"Study: {config.name}: pretraining bases compared", config.note)
+    return path
 
 
 def print_status(rows: list[dict]) -> None:
@@ -149,7 +166,7 @@ def main():
             print(f"{prefix} started", flush=True)
         elif event == "done":
             extra = ""
-            if job.id.split("/")[1:2] == ["transfer"]:
+            if "/transfer/" in job.id:
                 extra = f", test CER {100 * json.loads(Path(job.done).read_text())['test_cer']:.1f}%"
             print(f"{prefix} done in {detail.get('seconds', 0):.1f} s{extra}", flush=True)
         elif event == "failed":

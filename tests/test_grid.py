@@ -43,7 +43,7 @@ def study_config(tmp_path, **overrides) -> dict:
 
 def write_study(tmp_path, name="study.yaml", **overrides):
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(study_config(tmp_path, **overrides)))
+    path.write_text(yaml.safe_dump(study_config(tmp_path, **overrides), sort_keys=False))
     return path
 
 
@@ -62,7 +62,7 @@ def test_config_errors_come_before_any_work(tmp_path):
         ({"data": {"dataset_name": "generated"}, "downstream": ["ast"]}, "no voice for ast"),
         ({"colour": "blue"}, "unknown key(s) ['colour']"),
         ({"transfer": {"train_epoch": 3}}, "section 'transfer' has unknown flag(s) ['train_epoch']"),
-        ({"pretrain": {"mixture": {"en": 1.0}}}, "'pretrain' needs data.dataset_name: generated"),
+        ({"ctc_pretrain": {"mixture": {"en": 1.0}}}, "'ctc_pretrain' needs data.dataset_name: generated"),
         ({"seeds": [0, 1, 0]}, "give seed(s) [0] more than once"),
     ]
     for overrides, message in cases:

@@ -15,6 +15,15 @@ command of ours with a file that marks it done, so a killed grid resumes where i
     <output_dir>/stale/<time>/<step>/  outputs of stale steps moved aside by --rerun_stale
     <output_dir>/REPORT.md, results.csv, figures/
 
+With several self-supervised bases (``bases:``), each base is a study of its own, pretrained per
+seed by ``run_pretrain.py`` from the same initial weights (the checkpoint, or a config dir's random
+weights drawn from the seed), and the top-level report compares them::
+
+    <output_dir>/base-<name>/seed-<seed>/pretrain/               run_pretrain.py output (mixture.json)
+    <output_dir>/base-<name>/seed-<seed>/finetune|tickets|transfer|iou/...   as above
+    <output_dir>/base-<name>/iou-seeds/, REPORT.md, results.csv  that base's own study
+    <output_dir>/REPORT.md, results.csv                          the bases side by side (utils.bases)
+
 **Stale steps.** A step's identity is the flags the grid passes it (runtime-only flags such as
 logging or output paths left out, see ``utils.runs.RUNTIME_FIELDS``) together with the identities
 of the steps it needs. It is recorded when the step runs. A finished step whose recorded identity
@@ -28,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -38,6 +48,7 @@ from typing import Any, Optional
 from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
+from .mixture import parse_mixture
 from .model import has_local_config_only
 from .runs import RUNTIME_FIELDS, first_difference
 from .tickets import local_ticket_dir
@@ -49,7 +60,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class StudyConfig:
     """What a study runs. Keys of ``data`` are dataset flags shared by every training step;
     ``finetune``, ``prune`` and ``transfer`` hold extra flags of those scripts. ``{language}`` in a
-    ``data`` value is replaced by each step's language."""
+    ``data`` value is replaced by each step's language.
+
+    The base the upstream languages are fine-tuned from is ``model`` itself, or (``ctc_pretrain``)
+    a CTC stand-in trained on a generated mixture (the demo's), or (``bases``) several
+    self-supervised bases, ``{name: {mixture: {en: 0.7, ...}, other run_pretrain.py flags}}``,
+    each pretrained by ``run_pretrain.py`` with the ``ssl_pretrain`` flags, the whole study run per
+    base, and the bases compared on the advantage of ``dominant`` (default: the language with the
+    largest share in any base's mixture)."""
 
     name: str
     output_dir: str
@@ -65,7 +83,10 @@ class StudyConfig:
     finetune: dict[str, Any] = field(default_factory=dict)
     prune: dict[str, Any] = field(default_factory=dict)
     transfer: dict[str, Any] = field(default_factory=dict)
-    pretrain: dict[str, Any] = field(default_factory=dict)
+    ctc_pretrain: dict[str, Any] = field(default_factory=dict)
+    bases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ssl_pretrain: dict[str, Any] = field(default_factory=dict)
+    dominant: Optional[str] = None
     resources: dict[str, Any] = field(default_factory=dict)  # step kind -> Resources (see utils.executors)
     slurm: dict[str, Any] = field(default_factory=dict)  # partition, account, qos, constraint, additional
     note: Optional[str] = None
@@ -117,17 +138,54 @@ def load_config(path: str) -> StudyConfig:
     repeated = sorted({s for s in config.seeds if config.seeds.count(s) > 1})
     if repeated:
         raise ValueError(f"grid config seeds {config.seeds!r} give seed(s) {repeated} more than once: expected distinct seeds")
-    if config.pretrain:
-        if config.data.get("dataset_name") != "generated" or "mixture" not in config.pretrain:
-            raise ValueError("grid config 'pretrain' needs data.dataset_name: generated and a pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
-        config.pretrain["mixture"] = {resolve_language(code).code: float(w) for code, w in config.pretrain["mixture"].items()}
-        if any(resolve_language(code).espeak_voice is None for code in config.pretrain["mixture"]):
-            raise ValueError(f"pretrain.mixture {config.pretrain['mixture']} names a language without an espeak-ng voice")
+    if config.ctc_pretrain:
+        if config.data.get("dataset_name") != "generated" or "mixture" not in config.ctc_pretrain:
+            raise ValueError("grid config 'ctc_pretrain' needs data.dataset_name: generated and a ctc_pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
+        config.ctc_pretrain["mixture"] = {resolve_language(code).code: float(w) for code, w in config.ctc_pretrain["mixture"].items()}
+        if any(resolve_language(code).espeak_voice is None for code in config.ctc_pretrain["mixture"]):
+            raise ValueError(f"ctc_pretrain.mixture {config.ctc_pretrain['mixture']} names a language without an espeak-ng voice")
+    if config.bases or config.ssl_pretrain or config.dominant:
+        _check_bases(config)
     if config.data.get("dataset_name") == "generated":
-        silent = [code for code in config.upstream + config.downstream if resolve_language(code).espeak_voice is None]
+        silent = [code for code in study_languages(config) if resolve_language(code).espeak_voice is None]
         if silent:
             raise ValueError(f"the generated corpus has no voice for {', '.join(sorted(set(silent)))}: use FLEURS for them or drop them from the config")
     return config
+
+
+def _check_bases(config: StudyConfig) -> None:
+    """``bases``: named mixtures (parsed like ``--mixture``), not mixed with ``ctc_pretrain``;
+    ``dominant`` one of the upstream languages."""
+    if not isinstance(config.bases, dict) or len(config.bases) < 1:
+        raise ValueError(f"grid config bases {config.bases!r}: expected a mapping of names to {{mixture: {{en: 0.7, de: 0.3}}}} (ssl_pretrain and dominant need it)")
+    if config.ctc_pretrain:
+        raise ValueError("grid config gives both 'ctc_pretrain' and 'bases': expected one way to make the base (bases: self-supervised, by run_pretrain.py)")
+    for name, settings in config.bases.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise ValueError(f"base name {name!r}: expected letters, digits, '_', '.' or '-' (it names a folder)")
+        if not isinstance(settings, dict) or "mixture" not in settings:
+            raise ValueError(f"base {name!r}: expected a mapping with a mixture, e.g. {{mixture: {{en: 0.7, de: 0.3}}}}")
+        try:
+            settings["mixture"] = parse_mixture(settings["mixture"] if isinstance(settings["mixture"], dict) else list(settings["mixture"]))
+        except ValueError as err:
+            raise ValueError(f"base {name!r}: {err}") from None
+    shares = [(w, code) for settings in config.bases.values() for code, w in settings["mixture"].items()]
+    config.dominant = resolve_language(config.dominant).code if config.dominant else max(shares, key=lambda x: x[0])[1]
+    if config.dominant not in config.upstream:
+        raise ValueError(f"dominant language {config.dominant!r} is not an upstream language {config.upstream}: its ticket is what the others are compared with")
+
+
+def study_languages(config: StudyConfig) -> list[str]:
+    """Every language a step reads: upstream, downstream and the bases' mixtures."""
+    mixtures = [code for settings in config.bases.values() for code in settings["mixture"]] + list(config.ctc_pretrain.get("mixture", {}))
+    return list(dict.fromkeys(config.upstream + config.downstream + mixtures))
+
+
+def sub_studies(config: StudyConfig) -> list[tuple[Optional[str], Path, str]]:
+    """(base name, folder, step-id prefix) of each study the config runs: the study itself, or one per base."""
+    if not config.bases:
+        return [(None, Path(config.output_dir), "")]
+    return [(name, Path(config.output_dir) / f"base-{name}", f"base-{name}/") for name in config.bases]
 
 
 class StepFailed(RuntimeError):
@@ -187,8 +245,8 @@ class _Planner:
         return step
 
 
-def prune_step_id(seed: int, label: str, sparsity: float) -> str:
-    return f"seed-{seed}/prune/{label}/sparsity-{sparsity:.2f}"
+def prune_step_id(seed: int, label: str, sparsity: float, prefix: str = "") -> str:
+    return f"{prefix}seed-{seed}/prune/{label}/sparsity-{sparsity:.2f}"
 
 
 def plan(config: StudyConfig) -> list[Step]:
@@ -197,70 +255,96 @@ def plan(config: StudyConfig) -> list[Step]:
     python = [sys.executable]
     launch = {kind: launch_command(config.launcher, config.resources_of(kind)) for kind in TRAINING_KINDS}
     p = _Planner()
-    pretrain = {k: v for k, v in config.pretrain.items() if k not in ("mixture", "num_train")}
-    corpus_id = None
-    if config.pretrain:  # a multilingual mixture of the generated corpus to pretrain the base on
-        corpus = Path(config.data.get("generated_corpus_dir", "~/.cache/language-tickets/generated-corpus")).expanduser()
-        settings = {
-            "mix": [f"{code}={weight}" for code, weight in config.pretrain["mixture"].items()],
-            "output_dir": str(corpus),
-            "num_mix_train": config.pretrain.get("num_train", 2000),
-            "num_train": config.data.get("generated_num_train", 2000),
-            "num_eval": config.data.get("generated_num_eval", 200),
-        }
-        corpus_id = p.add("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings, corpus / "mul", []).id
+    corpus = Path(config.data.get("generated_corpus_dir", "~/.cache/language-tickets/generated-corpus")).expanduser()
+    sizes = {"num_train": config.data.get("generated_num_train", 2000), "num_eval": config.data.get("generated_num_eval", 200)}
+    data_steps: list[str] = []
+    if config.bases and config.data.get("dataset_name") == "generated":  # every language once, before the bases' steps all read them
+        for code in study_languages(config):
+            settings = {"languages": [code], "output_dir": str(corpus), **sizes}
+            data_steps.append(p.add(f"corpus/{code}", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / code / "corpus.json", settings, corpus / code, []).id)
+    if config.ctc_pretrain:  # a multilingual mixture of the generated corpus to pretrain the stand-in base on
+        settings = {"mix": [f"{code}={weight}" for code, weight in config.ctc_pretrain["mixture"].items()], "output_dir": str(corpus),
+                    "num_mix_train": config.ctc_pretrain.get("num_train", 2000), **sizes}
+        data_steps.append(p.add("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings, corpus / "mul", []).id)
+    initial: dict[int, tuple[str, Optional[str]]] = {}
     for seed in config.seeds:
-        root = out / f"seed-{seed}"
-        base, base_step = config.model, None
-        if has_local_config_only(config.model):  # a tiny model with no pretrained weights: initialise the study's base
-            base = str(root / "base-model")
+        initial[seed] = (config.model, None)
+        # A tiny model with no pretrained weights: initialise the study's base. (run_pretrain.py
+        # starts from the config itself, seeded: every base of a seed starts from the same weights.)
+        if has_local_config_only(config.model) and not config.bases:
+            base = str(out / f"seed-{seed}" / "base-model")
             settings = {"init_from_config": config.model, "output_dir": base, "seed": seed}
-            base_step = p.add(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id
-        if config.pretrain:
-            target = root / "pretrain"
-            settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **pretrain}
-            base_step = p.add(f"seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
-                              settings, target, [corpus_id, base_step], len(launch["pretrain"])).id
-            base = str(target)
-        for up in config.upstream:
-            target = root / "finetune" / up
-            settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
-            p.add(f"seed-{seed}/finetune/{up}", "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
-                  settings, target, [base_step], len(launch["finetune"]))
-        sources = [("base", base, base_step)] if config.prune_base else []
-        sources += [(up, str(root / "finetune" / up), f"seed-{seed}/finetune/{up}") for up in config.upstream]
-        for label, source, parent in sources:
-            for s in config.sparsities:  # one step per ticket, so adding a sparsity leaves the others done
-                target = local_ticket_dir(root / "tickets", label, s)
-                settings = {"model_name_or_path": source, "language": label, "sparsity": s, "output_dir": str(target), "seed": seed, **config.prune}
-                p.add(prune_step_id(seed, label, s), "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], target / MASK_FILE,
-                      settings, target, [parent])
-        tickets_from = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
-        for up in tickets_from:
-            for down in config.downstream:
-                for s in config.sparsities:
-                    target = root / "transfer" / f"{up}-{down}" / f"sparsity-{s:.2f}"
-                    settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(root / "tickets"), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
-                    p.add(f"seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
-                          target / "results.json", settings, target, [prune_step_id(seed, up, s)], len(launch["transfer"]))
-        labels = config.upstream + (["base"] if config.prune_base else [])
-        for s in config.sparsities:
-            if len(labels) < 2:
-                continue
-            target = root / "iou" / f"sparsity-{s:.2f}"
-            masks = [f"{label}={local_ticket_dir(root / 'tickets', label, s)}" for label in config.upstream]
-            settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(local_ticket_dir(root / "tickets", "base", s))} if config.prune_base else {})
-            p.add(f"seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
-                  settings, target, [prune_step_id(seed, label, s) for label in labels])
-    if len(config.seeds) >= 2:  # the noise floor: tickets of the same language from different seeds
-        labels = config.upstream + (["base"] if config.prune_base else [])
-        for s in config.sparsities:
-            target = out / "iou-seeds" / f"sparsity-{s:.2f}"
-            masks = [f"{label}@{seed}={local_ticket_dir(out / f'seed-{seed}' / 'tickets', label, s)}" for label in labels for seed in config.seeds]
-            settings = {"masks": masks, "output_dir": str(target)}
-            p.add(f"iou-seeds/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
-                  settings, target, [prune_step_id(seed, label, s) for label in labels for seed in config.seeds])
+            initial[seed] = (base, p.add(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id)
+    for name, root, prefix in sub_studies(config):
+        for seed in config.seeds:
+            base, base_step = initial[seed]
+            target = root / f"seed-{seed}" / "pretrain"
+            if config.ctc_pretrain:
+                extra = {k: v for k, v in config.ctc_pretrain.items() if k not in ("mixture", "num_train")}
+                settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **extra}
+                script = "run_finetune.py"
+            elif name is not None:  # self-supervised, on this base's mixture, from the seed's shared initial weights
+                extra = {k: v for k, v in config.bases[name].items() if k != "mixture"}
+                settings = {"model_name_or_path": base, "mixture": [f"{code}={w}" for code, w in config.bases[name]["mixture"].items()], "output_dir": str(target),
+                            "seed": seed, **config.data, **config.ssl_pretrain, **extra}
+                script = "run_pretrain.py"
+            if config.ctc_pretrain or name is not None:
+                base_step = p.add(f"{prefix}seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / "all_results.json",
+                                  settings, target, [*data_steps, base_step], len(launch["pretrain"])).id
+                base = str(target)
+            _plan_seed(p, config, launch, root, prefix, seed, base, base_step)
+        _plan_seed_iou(p, config, root, prefix)
     return p.steps
+
+
+def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, out: Path, prefix: str, seed: int, base: str, base_step: Optional[str]) -> None:
+    """One seed of one study: fine-tune each upstream language from ``base``, prune them (and the
+    base), transfer every ticket to every downstream language, compare the masks."""
+    python = [sys.executable]
+    root = out / f"seed-{seed}"
+    for up in config.upstream:
+        target = root / "finetune" / up
+        settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
+        p.add(f"{prefix}seed-{seed}/finetune/{up}", "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+              settings, target, [base_step], len(launch["finetune"]))
+    sources = [("base", base, base_step)] if config.prune_base else []
+    sources += [(up, str(root / "finetune" / up), f"{prefix}seed-{seed}/finetune/{up}") for up in config.upstream]
+    for label, source, parent in sources:
+        for s in config.sparsities:  # one step per ticket, so adding a sparsity leaves the others done
+            target = local_ticket_dir(root / "tickets", label, s)
+            settings = {"model_name_or_path": source, "language": label, "sparsity": s, "output_dir": str(target), "seed": seed, **config.prune}
+            p.add(prune_step_id(seed, label, s, prefix), "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], target / MASK_FILE,
+                  settings, target, [parent])
+    tickets_from = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
+    for up in tickets_from:
+        for down in config.downstream:
+            for s in config.sparsities:
+                target = root / "transfer" / f"{up}-{down}" / f"sparsity-{s:.2f}"
+                settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(root / "tickets"), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
+                p.add(f"{prefix}seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
+                      target / "results.json", settings, target, [prune_step_id(seed, up, s, prefix)], len(launch["transfer"]))
+    labels = config.upstream + (["base"] if config.prune_base else [])
+    for s in config.sparsities:
+        if len(labels) < 2:
+            continue
+        target = root / "iou" / f"sparsity-{s:.2f}"
+        masks = [f"{label}={local_ticket_dir(root / 'tickets', label, s)}" for label in config.upstream]
+        settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(local_ticket_dir(root / "tickets", "base", s))} if config.prune_base else {})
+        p.add(f"{prefix}seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+              settings, target, [prune_step_id(seed, label, s, prefix) for label in labels])
+
+
+def _plan_seed_iou(p: _Planner, config: StudyConfig, out: Path, prefix: str) -> None:
+    """The noise floor: tickets of the same language from different seeds (with two seeds or more)."""
+    if len(config.seeds) < 2:
+        return
+    labels = config.upstream + (["base"] if config.prune_base else [])
+    for s in config.sparsities:
+        target = out / "iou-seeds" / f"sparsity-{s:.2f}"
+        masks = [f"{label}@{seed}={local_ticket_dir(out / f'seed-{seed}' / 'tickets', label, s)}" for label in labels for seed in config.seeds]
+        settings = {"masks": masks, "output_dir": str(target)}
+        p.add(f"{prefix}iou-seeds/sparsity-{s:.2f}", "iou", [sys.executable, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+              settings, target, [prune_step_id(seed, label, s, prefix) for label in labels for seed in config.seeds])
 
 
 def report_step(config_path: str, config: StudyConfig) -> Step:
@@ -363,12 +447,14 @@ def _alive(pid: Any) -> bool:
         return False
 
 
-def collect(config: StudyConfig, steps: list[Step]) -> tuple[list[dict], dict[float, dict], dict[float, dict]]:
-    """What the finished steps wrote: transfer results (each with its per-utterance test rows,
-    checked against the result), IoU summaries per sparsity (matrices averaged over seeds), and the
-    seed-to-seed IoU summaries per sparsity."""
+def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> tuple[list[dict], dict[float, dict], dict[float, dict]]:
+    """What the finished steps of one study (``prefix``: its base's, see ``sub_studies``) wrote:
+    transfer results (each with its per-utterance test rows, checked against the result), IoU
+    summaries per sparsity (matrices averaged over seeds), and the seed-to-seed IoU summaries per
+    sparsity."""
     from .metrics import predictions_path, read_predictions
 
+    steps = [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
     rows = []
     for step in steps:
         if step.kind == "transfer" and step.done.is_file():
@@ -379,15 +465,16 @@ def collect(config: StudyConfig, steps: list[Step]) -> tuple[list[dict], dict[fl
     seed_ious: dict[float, dict] = {}
     for s in config.sparsities:
         found = [json.loads(st.done.read_text(encoding="utf-8")) for st in steps
-                 if st.kind == "iou" and st.id.startswith("seed-") and st.id.endswith(f"sparsity-{s:.2f}") and st.done.is_file()]
+                 if st.kind == "iou" and st.id.startswith(f"{prefix}seed-") and st.id.endswith(f"sparsity-{s:.2f}") and st.done.is_file()]
         if found:
             merged = dict(found[0])
             n = len(merged["labels"])
             for key in ("matrix", "random_matrix"):
                 merged[key] = [[sum(f[key][i][j] for f in found) / len(found) for j in range(n)] for i in range(n)]
             merged["seeds"] = len(found)
+            merged["per_seed"] = found
             ious[s] = merged
-        across = [st for st in steps if st.id == f"iou-seeds/sparsity-{s:.2f}" and st.done.is_file()]
+        across = [st for st in steps if st.id == f"{prefix}iou-seeds/sparsity-{s:.2f}" and st.done.is_file()]
         if across:
             seed_ious[s] = json.loads(across[0].done.read_text(encoding="utf-8"))
     return rows, ious, seed_ious

@@ -42,7 +42,7 @@ def write_csv_atomic(path: str | os.PathLike, rows: list[dict], columns: list[st
         writer.writerows(rows)
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format=Path(path).suffix.lstrip("."), dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -63,7 +63,7 @@ def plot_iou_heatmap(labels: list[str], matrix: list[list[float]], random_matrix
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if matrix[i][j] < (1 + low) / 2 else "black")
     fig.colorbar(image, ax=ax, label="IoU of kept weights")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_layer_iou(detail: list[dict], pairs: list[tuple[str, str]], title: str, path: str | os.PathLike) -> None:
@@ -86,7 +86,7 @@ def _finish_layer_plot(fig, ax, ylabel: str, title: str, path: str | os.PathLike
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_noise_floor(layers: list[dict], title: str, path: str | os.PathLike) -> None:
@@ -121,7 +121,7 @@ def plot_cer_curves(rows: list[dict], path: str | os.PathLike) -> None:
     ax.set_title("Transfer CER by upstream ticket")
     ax.legend(title="upstream")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -174,7 +174,7 @@ def cell_rates(runs: list[dict]) -> Rates:
     return Rates.from_seeds([_edits(r) for r in runs])
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
@@ -184,8 +184,8 @@ def _fmt_cell(runs: list[dict]) -> str:
         return "–"
     rates = cell_rates(runs)
     ci = rate_interval(rates)
-    spread = f" ± {_pct(stdev(rates.per_seed()))}" if len(runs) > 1 else ""
-    return f"{_pct(ci.estimate)}{spread} [{_pct(ci.low)}, {_pct(ci.high)}]"
+    spread = f" ± {pct(stdev(rates.per_seed()))}" if len(runs) > 1 else ""
+    return f"{pct(ci.estimate)}{spread} [{pct(ci.low)}, {pct(ci.high)}]"
 
 
 def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstreams: list[str]) -> tuple[str, dict]:
@@ -211,7 +211,7 @@ def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstrea
             line.append(text)
         non_matching = {d: rates[(u, d)] for d in downstreams if d != u and (u, d) in rates}
         averages[u] = mean_rate_interval(non_matching) if non_matching else None
-        line.append(f"{_pct(averages[u].estimate)} [{_pct(averages[u].low)}, {_pct(averages[u].high)}]" if averages[u] else "–")
+        line.append(f"{pct(averages[u].estimate)} [{pct(averages[u].low)}, {pct(averages[u].high)}]" if averages[u] else "–")
         table.append(line)
     header = ["upstream ticket \\ downstream"] + downstreams + ["avg non-matching"]
     numbers = {"cells": {f"{u}->{d}": float(r.rate()) for (u, d), r in rates.items()}, "avg_non_matching": {u: (a.estimate if a else None) for u, a in averages.items()}}
@@ -222,7 +222,7 @@ def _seed_spread(a: list[dict], b: list[dict]) -> str:
     """Standard deviation over seeds of the per-seed difference a - b (seeds matched by number)."""
     by_seed = {r["seed"]: r["test_cer"] for r in b}
     diffs = [r["test_cer"] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
-    return f"; seed sd {_pct(stdev(diffs))}" if len(diffs) > 1 else ""
+    return f"; seed sd {pct(stdev(diffs))}" if len(diffs) > 1 else ""
 
 
 def _fmt_difference(ci: Interval, spread: str = "") -> str:
@@ -245,7 +245,7 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
         best = min(present, key=lambda u: rates[(u, d)].rate())
         for u in present:
             if u == best:
-                columns[u][d] = f"best ({_pct(rates[(u, d)].rate())})"
+                columns[u][d] = f"best ({pct(rates[(u, d)].rate())})"
                 continue
             ci = paired_difference_interval({d: rates[(u, d)]}, {d: rates[(best, d)]})
             numbers[f"{u}-{best}@{d}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
@@ -281,10 +281,10 @@ def iou_markdown(iou: dict) -> str:
                 line.append("100")
             else:
                 value, rnd = iou["matrix"][i][j], iou["random_matrix"][i][j]
-                line.append(f"{_pct(value)} ({_pct(chance_corrected(value, rnd))})")
+                line.append(f"{pct(value)} ({pct(chance_corrected(value, rnd))})")
         rows.append(line)
     text = markdown_table(["IoU % (chance-corrected %)"] + labels, rows)
-    text += (f"\n\nRandom masks of these densities would overlap {_pct(iou['random_baseline'])}% (d/(2-d), d = {iou['density']:.3f}). "
+    text += (f"\n\nRandom masks of these densities would overlap {pct(iou['random_baseline'])}% (d/(2-d), d = {iou['density']:.3f}). "
              "Chance-corrected: (IoU − random) / (1 − random), 0 for random masks, 100 for identical ones.")
     if iou.get("seeds", 1) > 1:
         text += f" Each cell is the mean over {iou['seeds']} seeds."
@@ -326,8 +326,8 @@ def _stat(rows: list[dict], key: str = "iou") -> str:
     if not rows:
         return "–"
     values = [r[key] for r in rows]
-    spread = f" [{_pct(min(values))}, {_pct(max(values))}]" if len(values) > 1 else ""
-    return f"{_pct(mean(values))}{spread}"
+    spread = f" [{pct(min(values))}, {pct(max(values))}]" if len(values) > 1 else ""
+    return f"{pct(mean(values))}{spread}"
 
 
 def noise_floor_markdown(seed_iou: dict) -> str:
