@@ -106,6 +106,11 @@ def test_masks_and_negatives_are_reproducible_and_respect_padding():
         own = negatives[b, :real] - b * frames  # negatives: the same clip's real frames, never the frame itself
         assert own.min() >= 0 and own.max() < real
         assert not (own == torch.arange(real)[:, None]).any()
+    # A group-norm model's feature extractor (wav2vec2-base) wants no attention mask: the draws still skip padding.
+    collator.epoch = 0
+    collator.feature_extractor.return_attention_mask = False
+    plain = collator(rows)
+    assert "attention_mask" not in plain and torch.equal(plain["mask_time_indices"], mask) and torch.equal(plain["sampled_negative_indices"], negatives)
 
 
 def test_contrastive_accuracy_matches_a_loop():

@@ -64,7 +64,8 @@ class DataCollatorForWav2Vec2Pretraining:
     frame itself). Padding frames are never masked nor drawn.
 
     The draws are seeded by (seed, epoch, the batch's audio): the same batch gets the same masks
-    in any run or resume, and new ones in a new epoch (``epoch`` is set by the Trainer below).
+    in any run or resume, and new ones in a new epoch (``epoch`` is set by the Trainer below). The
+    model gets the attention mask only when its feature extractor asks for one, as in fine-tuning.
     transformers' helpers draw from numpy's global generator, whose state is restored after."""
 
     model: Any  # the Wav2Vec2ForPreTraining model: its conv arithmetic maps samples to frames
@@ -99,6 +100,8 @@ class DataCollatorForWav2Vec2Pretraining:
             np.random.set_state(state)
         batch["mask_time_indices"] = torch.tensor(mask, dtype=torch.bool) & frame_mask.bool()
         batch["sampled_negative_indices"] = torch.tensor(negatives, dtype=torch.long)
+        if not getattr(self.feature_extractor, "return_attention_mask", True):
+            del batch["attention_mask"]  # group-norm models (wav2vec2-base) are trained on zero padding, without one
         return batch
 
     def _draw_seed(self, input_values: torch.Tensor) -> int:
