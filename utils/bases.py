@@ -213,7 +213,7 @@ def write_comparison(
     mixes = "; ".join(f"**{name}**: " + ", ".join(f"{code} {share:.0%}" for code, share in mix.items()) for name, mix in mixtures.items())
     parts.append(f"Bases (self-supervised pretraining mixtures): {mixes}. Each base's full study: "
                  + ", ".join(f"[base-{name}/REPORT.md](base-{name}/REPORT.md)" for name in mixtures) + ".\n")
-    parts.append(__doc__.split("\n\n", 1)[1].strip() + "\n")
+    parts.append(__doc__.split("\n\n", 1)[1].strip().replace("``", "`") + "\n")
     numbers = {}
     for s in sparsities:
         if not all(any(abs(r["sparsity"] - s) < 1e-9 for r in per_base[name][0]) for name in per_base):
