@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 SAMPLING_RATE = 16_000
 FLEURS_REPO = "google/fleurs"
 GENERATED = "generated"
+GENERATED_CORPUS_DIR = os.path.join("~", ".cache", "language-tickets", "generated-corpus")
 SPLITS = ("train", "validation", "test")
 WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 
@@ -81,7 +82,7 @@ class DataArguments:
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for datasets.map."})
     generated_corpus_dir: str = field(
-        default=os.path.join("~", ".cache", "language-tickets", "generated-corpus"),
+        default=GENERATED_CORPUS_DIR,
         metadata={"help": "Where --dataset_name generated writes (and reuses) its corpus."},
     )
     generated_num_train: int = field(default=2000, metadata={"help": "Generated training utterances per language."})

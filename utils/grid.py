@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .data import GENERATED_CORPUS_DIR
 from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
@@ -255,7 +256,7 @@ def plan(config: StudyConfig) -> list[Step]:
     python = [sys.executable]
     launch = {kind: launch_command(config.launcher, config.resources_of(kind)) for kind in TRAINING_KINDS}
     p = _Planner()
-    corpus = Path(config.data.get("generated_corpus_dir", "~/.cache/language-tickets/generated-corpus")).expanduser()
+    corpus = Path(config.data.get("generated_corpus_dir", GENERATED_CORPUS_DIR)).expanduser()
     sizes = {"num_train": config.data.get("generated_num_train", 2000), "num_eval": config.data.get("generated_num_eval", 200)}
     data_steps: list[str] = []
     if config.bases and config.data.get("dataset_name") == "generated":  # every language once, before the bases' steps all read them
