@@ -229,6 +229,25 @@ def test_the_pretrained_base_fine_tunes_like_xls_r(pretrained, corpus_dir):
     assert json.loads((tmp / "ft" / "all_results.json").read_text())["test_samples"] == 24
 
 
+def test_pretraining_continues_from_a_pretrained_checkpoint(pretrained, tmp_path):
+    """Continued on another mixture with a zero learning rate, every weight (quantiser included)
+    must come back exactly as the checkpoint had it: nothing was re-initialised."""
+    from safetensors.torch import load_file
+
+    full, _, data, env, _ = pretrained
+    out = tmp_path / "continued"
+    flags = [f if f != "1e-3" else "0.0" for f in SSL]
+    result = run_script(["--model_name_or_path", str(full), "--mixture", "en=0.5", "ca=0.5", "--total_clips", "32", "--eval_clips", "8",
+                         "--data_dir", str(data / "{language}"), "--num_train_epochs", "1", "--output_dir", str(out), *flags], env, "run_pretrain.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after) and any(k.startswith("quantizer.") for k in after)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert json.loads((out / "mixture.json").read_text())["drawn"]["train"]["ca"]["clips"] == 16
+    assert json.loads((out / "config.json").read_text())["mask_time_prob"] == json.loads((full / "config.json").read_text())["mask_time_prob"]
+
+
 def test_bad_pretraining_inputs_fail_before_any_work(pretrained, tmp_path):
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC
 
