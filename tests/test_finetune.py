@@ -169,3 +169,13 @@ def test_push_to_hub_as_in_the_examples(corpus_dir, tmp_path):
         assert pulled.returncode == 0, pulled.stderr[-2000:]
         sizes = json.loads(pulled.stdout.strip().splitlines()[-1])
         assert sizes["vocab"] == sizes["head"] == len(json.loads((out / "vocab.json").read_text())) + 2  # + <s>, </s>
+
+
+def test_a_transformers_without_the_overridden_sampler_is_refused(monkeypatch):
+    from transformers import Trainer
+
+    from utils.training import CTCTrainer
+
+    monkeypatch.delattr(Trainer, "_get_eval_sampler")
+    with pytest.raises(RuntimeError, match="has no Trainer._get_eval_sampler, which CTCTrainer overrides"):
+        CTCTrainer()

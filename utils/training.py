@@ -53,6 +53,11 @@ class CTCTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs):
+        if not hasattr(Trainer, "_get_eval_sampler"):  # a private API we override: say so rather than silently evaluate shuffled
+            import transformers
+
+            raise RuntimeError(f"transformers {transformers.__version__} has no Trainer._get_eval_sampler, which CTCTrainer overrides to "
+                               "evaluate in dataset order: install the versions in requirements.txt (transformers>=5.0,<6)")
         super().__init__(*args, **kwargs)
         self.compute_metrics = self._error_rates
         self._references: list[str] = []
