@@ -185,7 +185,8 @@ def shape(args) -> None:
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
     from utils.corpus import generate_corpus
-    from utils.data import build_processor, build_vocab
+    from utils.data import build_processor
+    from utils.text import build_vocab
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-shape-"))
     corpus = generate_corpus(str(work / "corpus"), ["it"], num_train=8, num_eval=4, vocab_size=40)["it"]

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from utils.corpus import generate_corpus, word_list
-from utils.data import normalize_text
+from utils.text import normalize_text
 
 
 def _digest(folder):

@@ -16,15 +16,13 @@ from tests.hub_cache import add_offline_repo
 from utils.data import (
     DataCollatorCTCWithPadding,
     build_processor,
-    build_vocab,
     load_fleurs_split,
     load_local_splits,
     normalize_splits,
-    normalize_text,
     prepare_features,
-    unseen_chars,
 )
 from utils.languages import resolve_language
+from utils.text import build_vocab, normalize_text, unseen_chars
 from utils.model import frames_for_samples, receptive_field
 
 

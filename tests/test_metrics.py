@@ -4,7 +4,8 @@ import torch
 from transformers import AutoConfig, EvalPrediction, TrainingArguments, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 from tests.conftest import TINY_CONFIG
-from utils.data import build_processor, build_vocab
+from utils.data import build_processor
+from utils.text import build_vocab
 from utils.metrics import error_rates, greedy_transcripts
 from utils.training import CTCTrainer
 

@@ -34,9 +34,9 @@ from typing import Optional
 import numpy as np
 import soundfile as sf
 
-from .data import SAMPLING_RATE, normalize_text
 from .languages import resolve_language
 from .runs import replace_dir_atomic, write_json_atomic
+from .text import SAMPLING_RATE, normalize_text
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import tarfile
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +30,14 @@ from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec
 from .languages import Language
 from .model import frames_for_samples, receptive_field
 from .runs import replace_dir_atomic
+from .text import PAD, SAMPLING_RATE, UNK, WORD_DELIMITER, build_vocab, normalize_text, unseen_chars
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16_000
 FLEURS_REPO = "google/fleurs"
 GENERATED = "generated"
 GENERATED_CORPUS_DIR = os.path.join("~", ".cache", "language-tickets", "generated-corpus")
 SPLITS = ("train", "validation", "test")
-WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 
 
 @dataclass
@@ -91,51 +89,6 @@ class DataArguments:
 
 # ---------------------------------------------------------------------------------------------
 # Text
-
-
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'", "\u2018": "'", "`": "'"})
-
-
-def normalize_text(text: str, language: str = "", chars_to_ignore: Optional[list[str]] = None) -> str:
-    """Lower-case, drop punctuation and symbols, keep letters (with diacritics), marks and digits.
-
-    An apostrophe survives only between two letters (``don't``, ``l'home``); every other
-    punctuation or symbol character becomes a word break. Turkish/Azerbaijani dotted and dotless
-    I are lower-cased by their own rule.
-    """
-    text = unicodedata.normalize("NFC", text or "")
-    for char in chars_to_ignore or ():
-        text = text.replace(char, "")
-    if language in ("tr", "az"):
-        text = text.replace("I", "ı").replace("İ", "i")
-    text = text.lower().translate(_APOSTROPHES)
-    out = []
-    for i, char in enumerate(text):
-        if char == "'":
-            between_letters = 0 < i < len(text) - 1 and text[i - 1].isalpha() and text[i + 1].isalpha()
-            out.append("'" if between_letters else " ")
-        elif unicodedata.category(char)[0] in "LMN":
-            out.append(char)
-        else:
-            out.append(" ")
-    return " ".join("".join(out).split())
-
-
-def build_vocab(texts: list[str]) -> dict[str, int]:
-    """Character vocabulary of normalised training transcripts: letters sorted, then ``|`` for the
-    space, ``[UNK]`` and ``[PAD]`` (the CTC blank)."""
-    chars = sorted(set("".join(texts)) - {" "})
-    if not chars:
-        raise ValueError("the training split has no characters left after normalisation: expected transcripts")
-    vocab = {char: i for i, char in enumerate(chars)}
-    for token in (WORD_DELIMITER, UNK, PAD):
-        vocab[token] = len(vocab)
-    return vocab
-
-
-def unseen_chars(texts: list[str], vocab: dict[str, int]) -> Counter:
-    """Characters of ``texts`` missing from ``vocab``; the tokenizer maps them to ``[UNK]``."""
-    return Counter(char for text in texts for char in text if char != " " and char not in vocab)
 
 
 def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExtractor, save_dir: str) -> Wav2Vec2Processor:

@@ -144,7 +144,8 @@ def load_mixture_splits(
 
     from datasets import DatasetDict, concatenate_datasets
 
-    from .data import SAMPLING_RATE, load_raw_splits, vectorize_splits
+    from .data import load_raw_splits, vectorize_splits
+    from .text import SAMPLING_RATE
 
     per_language = {}
     for code in shares:
