@@ -22,8 +22,7 @@ from utils.masks import (
     score_fn,
     sparsity_of,
 )
-from utils.hub import resolve_mask
-from utils.masks import load_mask
+from utils.masks import load_mask, resolve_mask
 
 
 def tiny_model(seed: int = 0) -> Wav2Vec2ForCTC:

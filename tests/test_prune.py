@@ -13,7 +13,7 @@ from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, W
 
 from tests.conftest import ROOT, TINY_CONFIG
 from tests.hub_server import TOKEN, HubServer
-from utils.hub import parse_reference
+from utils.masks import parse_reference
 from utils.masks import load_mask, load_mask_metadata, prunable_parameters
 
 

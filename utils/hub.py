@@ -1,13 +1,6 @@
-"""Sharing on the Hugging Face Hub: ticket model cards, ticket pushes (model repos), the masks
-dataset repo with its index table, and the references ``load_mask`` accepts.
-
-Mask references:
-- a local path: a mask file, or a ticket directory holding ``mask.safetensors``;
-- ``ORG/NAME``: a ticket model repo (its ``mask.safetensors``);
-- ``ORG/NAME:PATH``: a file in a masks *dataset* repo, e.g. ``me/xlsr-masks:masks/en/sparsity-0.80.safetensors``;
-- ``hf://ORG/NAME[/PATH]`` (model repo) or ``hf://datasets/ORG/NAME/PATH`` (dataset repo), the
-  URL form ``huggingface_hub``'s file system uses. ``@REVISION`` may follow the repo name.
-"""
+"""Sharing on the Hugging Face Hub, the write side: ticket model cards, ticket pushes (model
+repos), the masks dataset repo with its index table. Reading a mask from a reference is
+``utils.masks.resolve_mask``'s."""
 
 from __future__ import annotations
 
@@ -15,83 +8,18 @@ import csv
 import io
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
-from .masks import MASK_FILE
+from .runs import explain_hub_error
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ["file", "language", "sparsity", "method", "scope", "layerwise", "source_model", "source_revision", "ticket_repo", "sha256", "kept", "total"]
-_REPO = r"[\w.-]+/[\w.-]+"
-
-
-class HubError(RuntimeError):
-    """A Hub operation failed; the message names the repo and what to do."""
-
-
-def _explain(err: Exception, repo_id: str, action: str) -> HubError:
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, RepositoryNotFoundError) or status == 404:
-        hint = "check the repo id, and that your token can see it"
-    elif status in (401, 403):
-        hint = "log in with `hf auth login` or pass --hub_token with write access"
-    else:
-        hint = "check your network and HF_ENDPOINT, then re-run: finished steps are skipped"
-    return HubError(f"cannot {action} {repo_id} (HTTP {status or '?'}: {type(err).__name__}): {hint}")
-
-
-# ---------------------------------------------------------------------------------------------
-# References
-
-
-def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
-    """``(repo_id, repo_type, path_in_repo, revision)`` of a Hub mask reference."""
-    ref = reference.strip()
-    repo_type = "model"
-    if ref.startswith("hf://"):
-        ref = ref[len("hf://") :]
-        if ref.startswith("datasets/"):
-            repo_type, ref = "dataset", ref[len("datasets/") :]
-        match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?:/(.+))?", ref)
-        if not match:
-            raise ValueError(f"mask reference {reference!r} is not hf://[datasets/]ORG/NAME[@REV][/PATH]")
-        repo_id, revision, path = match.groups()
-        if repo_type == "dataset" and not path:
-            raise ValueError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
-        return repo_id, repo_type, path or MASK_FILE, revision
-    match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?::(.+))?", ref)
-    if not match:
-        raise ValueError(
-            f"mask reference {reference!r} is not an existing path, ORG/NAME (ticket repo), ORG/NAME:PATH (masks dataset) or hf://..."
-        )
-    repo_id, revision, path = match.groups()
-    return repo_id, ("dataset" if path else "model"), path or MASK_FILE, revision
-
-
-def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
-    """A local path to the mask file a reference names, downloading (and caching) Hub files."""
-    local = Path(os.path.expanduser(str(reference)))
-    if local.is_dir():
-        if not (local / MASK_FILE).is_file():
-            raise FileNotFoundError(f"{local} holds no {MASK_FILE}: expected a ticket directory written by run_prune.py")
-        return local / MASK_FILE
-    if local.is_file():
-        return local
-    repo_id, repo_type, path, revision = parse_reference(str(reference))
-    try:
-        return Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
-    except EntryNotFoundError as err:
-        raise FileNotFoundError(f"{repo_type} repo {repo_id} has no file {path!r} (from reference {str(reference)!r})") from err
-    except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise _explain(err, repo_id, f"download {path} from") from err
-    except Exception as err:  # offline / no such local path / network: all mean "not found"
-        raise FileNotFoundError(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +117,7 @@ def push_ticket(ticket_dir: Union[str, os.PathLike], repo_id: str, token: Option
             ignore_patterns=["run_signature.json", ".*"],
         )
     except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise _explain(err, repo_id, "push the ticket to") from err
+        raise explain_hub_error(err, repo_id, "push the ticket to") from err
     return str(getattr(info, "commit_url", info))
 
 
@@ -239,5 +167,5 @@ def push_mask(mask_file: Union[str, os.PathLike], repo_id: str, row: dict, token
         ]
         api.create_commit(repo_id, operations, repo_type="dataset", commit_message=f"Add {row['file']}")
     except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise _explain(err, repo_id, "push the mask to") from err
+        raise explain_hub_error(err, repo_id, "push the mask to") from err
     return True

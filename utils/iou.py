@@ -18,8 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .hub import resolve_mask
-from .masks import read_mask_words
+from .masks import read_mask_words, resolve_mask
 
 MODULE_TYPES = {
     "q_proj": "q",

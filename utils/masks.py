@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from .runs import explain_hub_error
+
 MASK_FORMAT = "language-tickets-mask"
 MASK_FORMAT_VERSION = 1
 MASK_FILE = "mask.safetensors"
@@ -353,6 +355,65 @@ def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
     return MaskWords(words, slices, nbytes, metadata)
 
 
+# ---------------------------------------------------------------------------------------------
+# References: where a mask is read from
+
+_REPO = r"[\w.-]+/[\w.-]+"
+
+
+def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
+    """``(repo_id, repo_type, path_in_repo, revision)`` of a Hub mask reference."""
+    ref = reference.strip()
+    repo_type = "model"
+    if ref.startswith("hf://"):
+        ref = ref[len("hf://") :]
+        if ref.startswith("datasets/"):
+            repo_type, ref = "dataset", ref[len("datasets/") :]
+        match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?:/(.+))?", ref)
+        if not match:
+            raise ValueError(f"mask reference {reference!r} is not hf://[datasets/]ORG/NAME[@REV][/PATH]")
+        repo_id, revision, path = match.groups()
+        if repo_type == "dataset" and not path:
+            raise ValueError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
+        return repo_id, repo_type, path or MASK_FILE, revision
+    match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?::(.+))?", ref)
+    if not match:
+        raise ValueError(
+            f"mask reference {reference!r} is not an existing path, ORG/NAME (ticket repo), ORG/NAME:PATH (masks dataset) or hf://..."
+        )
+    repo_id, revision, path = match.groups()
+    return repo_id, ("dataset" if path else "model"), path or MASK_FILE, revision
+
+
+def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
+    """A local path to the mask file a reference names, downloading (and caching) Hub files.
+
+    References: a local path (a mask file, or a ticket directory holding ``mask.safetensors``);
+    ``ORG/NAME`` (a ticket model repo's ``mask.safetensors``); ``ORG/NAME:PATH`` (a file in a masks
+    *dataset* repo, e.g. ``me/xlsr-masks:masks/en/sparsity-0.80.safetensors``); ``hf://ORG/NAME[/PATH]``
+    (model repo) or ``hf://datasets/ORG/NAME/PATH`` (dataset repo), the URL form of
+    ``huggingface_hub``'s file system. ``@REVISION`` may follow the repo name."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    local = Path(os.path.expanduser(str(reference)))
+    if local.is_dir():
+        if not (local / MASK_FILE).is_file():
+            raise FileNotFoundError(f"{local} holds no {MASK_FILE}: expected a ticket directory written by run_prune.py")
+        return local / MASK_FILE
+    if local.is_file():
+        return local
+    repo_id, repo_type, path, revision = parse_reference(str(reference))
+    try:
+        return Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(f"{repo_type} repo {repo_id} has no file {path!r} (from reference {str(reference)!r})") from err
+    except (HfHubHTTPError, RepositoryNotFoundError) as err:
+        raise explain_hub_error(err, repo_id, f"download {path} from") from err
+    except Exception as err:  # offline / no such local path / network: all mean "not found"
+        raise FileNotFoundError(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err
+
+
 def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
     """Packed bits per tensor (uncompressed, views into one buffer) and the metadata, verified."""
     mask = read_mask_words(path)
@@ -361,20 +422,16 @@ def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray]
 
 def load_mask_and_metadata(reference: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict]:
     """The mask (``{parameter name: BoolTensor}``, True = kept) and its metadata, read once, from a
-    mask file, a ticket directory or a Hub reference (see ``utils.hub.resolve_mask``)."""
-    from .hub import resolve_mask
-
+    mask file, a ticket directory or a Hub reference (see ``resolve_mask``)."""
     packed, metadata = read_mask_file(resolve_mask(reference))
     return {name: unpack(bits, tuple(metadata["shapes"][name])) for name, bits in packed.items()}, metadata
 
 
 def load_mask(reference: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """``{parameter name: BoolTensor}`` (True = kept) from a mask file, a ticket directory or a Hub
-    reference (see ``utils.hub.resolve_mask``)."""
+    reference (see ``resolve_mask``)."""
     return load_mask_and_metadata(reference)[0]
 
 
 def load_mask_metadata(reference: Union[str, os.PathLike]) -> dict:
-    from .hub import resolve_mask
-
     return read_mask_file(resolve_mask(reference))[1]

@@ -149,11 +149,27 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
     return get_last_checkpoint(output_dir) if path.is_dir() else None
 
 
+class HubError(RuntimeError):
+    """A Hub operation failed; the message names the repo and what to do."""
+
+
+def explain_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
+    """The one-line error for a failed Hub call: what failed, on which repo, and what to do."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, RepositoryNotFoundError) or status == 404:
+        hint = "check the repo id, and that your token can see it"
+    elif status in (401, 403):
+        hint = "log in with `hf auth login` or pass --hub_token with write access"
+    else:
+        hint = "check your network and HF_ENDPOINT, then re-run: finished steps are skipped"
+    return HubError(f"cannot {action} {repo_id} (HTTP {status or '?'}: {type(err).__name__}): {hint}")
+
+
 def run_cli(main) -> None:
     """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit code 2."""
     import sys
-
-    from .hub import HubError
 
     try:
         main()
