@@ -29,7 +29,7 @@ from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec
 
 from .languages import Language
 from .model import frames_for_samples, receptive_field
-from .runs import replace_dir_atomic
+from .runs import atomic_open, replace_dir_atomic
 from .text import PAD, SAMPLING_RATE, UNK, WORD_DELIMITER, build_vocab, normalize_text, unseen_chars
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExt
     """A processor whose tokenizer holds ``vocab``; written to ``save_dir`` (vocab.json included)."""
     os.makedirs(save_dir, exist_ok=True)
     vocab_path = os.path.join(save_dir, "vocab.json")
-    with open(vocab_path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(vocab_path) as f:
         json.dump(vocab, f, ensure_ascii=False, indent=1)
-    os.replace(vocab_path + ".tmp", vocab_path)
     tokenizer = Wav2Vec2CTCTokenizer(vocab_path, unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER)
     processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     processor.save_pretrained(save_dir)

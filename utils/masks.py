@@ -36,9 +36,9 @@ from typing import Callable, Iterable, Optional, Union
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
-from .runs import explain_hub_error
+from .runs import atomic_open, explain_hub_error
 
 MASK_FORMAT = "language-tickets-mask"
 MASK_FORMAT_VERSION = 1
@@ -280,11 +280,8 @@ def save_mask(path: Union[str, os.PathLike], mask: dict[str, torch.Tensor], info
         "sha256": digest.hexdigest(),
         **info,
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"mask": json.dumps(metadata, sort_keys=True)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        f.write(save(tensors, metadata={"mask": json.dumps(metadata, sort_keys=True)}))
     return metadata
 
 

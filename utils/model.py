@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel, Wav2Vec2Processor
 
+from .runs import replace_dir_atomic
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -104,7 +106,7 @@ def init_from_config(config_dir: str, output_dir: str, seed: int = 0) -> None:
     tmp = f"{output_dir.rstrip('/')}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     AutoFeatureExtractor.from_pretrained(config_dir).save_pretrained(tmp)
-    os.replace(tmp, output_dir)
+    replace_dir_atomic(tmp, output_dir)
 
 
 if __name__ == "__main__":
