@@ -53,9 +53,10 @@ def check_flags(config) -> None:
         "ssl_pretrain": names(PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments),
         "transfer": names(TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
     }
-    sections = {section: getattr(config, section) for section in allowed} | {f"bases.{name}": settings for name, settings in config.bases.items()}
-    for section, settings in sections.items():
-        unknown = sorted(set(settings) - allowed[section.partition(".")[0].replace("bases", "ssl_pretrain")])
+    sections = {section: (getattr(config, section), valid) for section, valid in allowed.items()}
+    sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items()}  # a base overrides ssl_pretrain flags
+    for section, (settings, valid) in sections.items():
+        unknown = sorted(set(settings) - valid)
         if unknown:
             raise ValueError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
 
@@ -67,11 +68,12 @@ def aggregate(config, steps) -> Path:
     per_base, table = {}, []
     for name, folder, prefix in sub_studies(config):
         rows, ious, seed_ious = collect(config, steps, prefix)
-        write_csv_atomic(folder / "results.csv", result_rows(rows), RESULT_COLUMNS)
+        csv_rows = result_rows(rows)  # each with its bootstrap interval: computed once
+        write_csv_atomic(folder / "results.csv", csv_rows, RESULT_COLUMNS)
         title = f"Study: {config.name}" + (f", base {name}" if name else "")
         report = write_report(folder, rows, ious, upstreams, config.downstream, title, config.note, seed_ious)
         per_base[name] = (rows, ious, seed_ious)
-        table += [row | {"base": name} for row in result_rows(rows)]
+        table += [row | {"base": name} for row in csv_rows]
     if not config.bases:
         return report
     write_csv_atomic(Path(config.output_dir) / "results.csv", table, ["base"] + RESULT_COLUMNS)

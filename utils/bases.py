@@ -158,14 +158,13 @@ def compare_bases(
         )
 
     # IoU with the base pruned the same way, beside the seed-to-seed noise floor.
+    floors = {name: noise_floor(per_base[name][2][sparsity])[0] if sparsity in per_base[name][2] else {} for name in names}
     table = []
     for u in upstreams:
         line = [f"**{u}**"]
         for name in names:
-            iou = per_base[name][1].get(sparsity)
-            values = [(f["matrix"][f["labels"].index(u)][f["labels"].index("base")], f["random_matrix"][f["labels"].index(u)][f["labels"].index("base")])
-                      for f in (iou or {}).get("per_seed", []) if u in f["labels"] and "base" in f["labels"]]
-            floor = noise_floor(per_base[name][2][sparsity])[0].get(u, {}).get("seed_to_seed", []) if sparsity in per_base[name][2] else []
+            values = [_vs_base(f, u) for f in per_base[name][1].get(sparsity, {}).get("per_seed", []) if u in f["labels"] and "base" in f["labels"]]
+            floor = floors[name].get(u, {}).get("seed_to_seed", [])
             if not values:
                 line += ["–", "–"]
                 continue
@@ -180,6 +179,12 @@ def compare_bases(
     parts.append("IoU (%) of each language ticket with its own base pruned the same way: mean [min, max] over seeds (chance-corrected mean), "
                  "beside the IoU of the same language's tickets across seeds (the noise floor).\n\n" + markdown_table(header, table))
     return "\n\n".join(parts), numbers
+
+
+def _vs_base(iou: dict, label: str) -> tuple[float, float]:
+    """(IoU, random-mask IoU) of ``label``'s ticket with the base's in one seed's IoU summary."""
+    i, j = iou["labels"].index(label), iou["labels"].index("base")
+    return iou["matrix"][i][j], iou["random_matrix"][i][j]
 
 
 def plot_advantage(numbers: dict, dominant: str, title: str, path: str | os.PathLike) -> None:

@@ -280,6 +280,7 @@ def plan(config: StudyConfig) -> list[Step]:
         for seed in config.seeds:
             base, base_step = initial[seed]
             target = root / f"seed-{seed}" / "pretrain"
+            script = None
             if config.ctc_pretrain:
                 extra = {k: v for k, v in config.ctc_pretrain.items() if k not in ("mixture", "num_train")}
                 settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **extra}
@@ -289,7 +290,7 @@ def plan(config: StudyConfig) -> list[Step]:
                 settings = {"model_name_or_path": base, "mixture": [f"{code}={w}" for code, w in config.bases[name]["mixture"].items()], "output_dir": str(target),
                             "seed": seed, **config.data, **config.ssl_pretrain, **extra}
                 script = "run_pretrain.py"
-            if config.ctc_pretrain or name is not None:
+            if script:
                 base_step = p.add(f"{prefix}seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / "all_results.json",
                                   settings, target, [*data_steps, base_step], len(launch["pretrain"])).id
                 base = str(target)
