@@ -17,6 +17,7 @@ import sys
 from transformers import HfArgumentParser, set_seed
 
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.errors import UsageError
 from utils.languages import resolve_language
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
@@ -33,7 +34,7 @@ def main():
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     if not data_args.language:
-        raise ValueError("--language is required: a language code such as en, ca or ast")
+        raise UsageError("--language is required: a language code such as en, ca or ast")
     language = resolve_language(data_args.language)
     setup_logging(training_args.should_log)
     logger.info("fine-tuning %s on %s (%s)", model_args.model_name_or_path, language.name, language.code)

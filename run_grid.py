@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from utils.bases import write_comparison
+from utils.errors import UsageError
 from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
 from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
@@ -58,7 +59,7 @@ def check_flags(config) -> None:
     for section, (settings, valid) in sections.items():
         unknown = sorted(set(settings) - valid)
         if unknown:
-            raise ValueError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
+            raise UsageError(f"grid config section {section!r} has unknown flag(s) {unknown}: expected options of its script (see --help)")
 
 
 def aggregate(config, steps) -> Path:
@@ -105,7 +106,7 @@ def main():
     parser.add_argument("--report_only", action="store_true", help="write REPORT.md and results.csv from the finished steps (the last Slurm job)")
     args = parser.parse_args()
     if args.slots < 1:
-        raise ValueError(f"--slots {args.slots}: expected a positive number of steps at a time")
+        raise UsageError(f"--slots {args.slots}: expected a positive number of steps at a time")
     config = load_config(args.config)
     check_flags(config)
     steps = plan(config)
@@ -133,7 +134,7 @@ def main():
         changed = [step for step in stale if not states[step.id].reason.startswith("needs ")]
         names = "; ".join(f"{step.id} ({states[step.id].reason})" for step in changed[:5]) + ("; ..." if len(changed) > 5 else "")
         downstream = f" and {len(stale) - len(changed)} step(s) that depend on them" if len(stale) > len(changed) else ""
-        raise ValueError(f"{len(stale)} finished step(s) are stale: {names}{downstream}. "
+        raise UsageError(f"{len(stale)} finished step(s) are stale: {names}{downstream}. "
                          "Re-run with --rerun_stale (their outputs are moved aside, not deleted), or restore the config")
     # Refused before any work: Slurm without sbatch, a local step this machine cannot hold.
     executor = slurm_executor(Path(config.output_dir) / "submitit") if args.executor == "slurm" else None

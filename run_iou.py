@@ -23,6 +23,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from utils.errors import UsageError
 from utils.iou import iou_matrix, iou_tables, load_packed, random_iou
 from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
 from utils.runs import claim_output_dir, run_cli, write_json_atomic
@@ -43,14 +44,14 @@ def parse_masks(items: list[str], base: Optional[str]) -> dict[str, str]:
     for item in items:
         label, sep, reference = item.partition("=")
         if not sep or not label or not reference:
-            raise ValueError(f"--masks item {item!r} is not LABEL=MASK: expected e.g. en=tickets/en/sparsity-0.90")
+            raise UsageError(f"--masks item {item!r} is not LABEL=MASK: expected e.g. en=tickets/en/sparsity-0.90")
         if label in masks or label == "base" and base:
-            raise ValueError(f"--masks label {label!r} is given twice: expected one mask per label")
+            raise UsageError(f"--masks label {label!r} is given twice: expected one mask per label")
         masks[label] = reference
     if base:
         masks["base"] = base
     if len(masks) < 2:
-        raise ValueError(f"got {len(masks)} mask(s): expected at least two to compare")
+        raise UsageError(f"got {len(masks)} mask(s): expected at least two to compare")
     return masks
 
 

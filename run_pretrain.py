@@ -25,10 +25,12 @@ from typing import Optional
 from transformers import AutoConfig, AutoFeatureExtractor, HfArgumentParser, Wav2Vec2ForPreTraining, set_seed
 
 from utils.data import DataArguments
+from utils.errors import UsageError
 from utils.mixture import load_mixture_splits, parse_mixture
 from utils.model import has_local_config_only
 from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingArguments, PretrainingTrainer
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
+from utils.structure import FAMILIES, family_of
 from utils.training import write_card_or_push
 
 logger = logging.getLogger(__name__)
@@ -67,12 +69,12 @@ def main():
         model_args, mix_args, data_args, training_args = parser.parse_args_into_dataclasses()
     shares = parse_mixture(mix_args.mixture)
     if (mix_args.total_clips is None) == (mix_args.total_hours is None):
-        raise ValueError("give exactly one of --total_clips or --total_hours")
+        raise UsageError("give exactly one of --total_clips or --total_hours")
     total = mix_args.total_clips if mix_args.total_clips is not None else mix_args.total_hours
     if total <= 0:
-        raise ValueError(f"total {total}: expected a positive size")
+        raise UsageError(f"total {total}: expected a positive size")
     if data_args.language:
-        raise ValueError(f"--language {data_args.language}: pretraining takes --mixture instead")
+        raise UsageError(f"--language {data_args.language}: pretraining takes --mixture instead")
     setup_logging(training_args.should_log)
     logger.info("pretraining %s on %s", model_args.model_name_or_path, " ".join(f"{k}={v:g}" for k, v in shares.items()))
 
@@ -83,6 +85,10 @@ def main():
 
     # 3. Model: random weights from a config, or a checkpoint whose quantiser we continue training.
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    family = family_of(config)
+    if not family.ssl_pretraining:
+        raise UsageError(f"{model_args.model_name_or_path} is a {family.name} model: run_pretrain.py trains the wav2vec 2.0 objective, "
+                         f"expected a model of the {', '.join(f.name for f in FAMILIES.values() if f.ssl_pretraining)} family")
     if model_args.num_negatives is not None:
         config.num_negatives = model_args.num_negatives
     # The masked-frame embedding exists only when the config masks: build it with the pretraining
@@ -97,7 +103,7 @@ def main():
         )
         lacking = sorted(k for k in info["missing_keys"] if k.startswith(("quantizer.", "project_q.", "project_hid.")))
         if lacking:
-            raise ValueError(
+            raise UsageError(
                 f"{model_args.model_name_or_path} has no quantiser ({lacking[0]} and {len(lacking) - 1} more missing): "
                 "continued pretraining needs a pretrained checkpoint with one (e.g. facebook/wav2vec2-xls-r-300m), or a config dir to start from scratch"
             )

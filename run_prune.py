@@ -23,6 +23,7 @@ from typing import Optional
 
 from transformers import HfArgumentParser
 
+from utils.errors import UsageError
 from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, check_sparsity, load_mask_metadata
@@ -75,14 +76,14 @@ def main():
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     args.sparsity = sorted({check_sparsity(s) for s in args.sparsity})
     if args.prune_scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown --prune_scope {args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
+        raise UsageError(f"unknown --prune_scope {args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
     if args.method not in PRUNE_METHODS:
-        raise ValueError(f"unknown --method {args.method!r}: expected one of {', '.join(PRUNE_METHODS)}")
+        raise UsageError(f"unknown --method {args.method!r}: expected one of {', '.join(PRUNE_METHODS)}")
     if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME")
+        raise UsageError("--push_to_hub needs --hub_model_id ORG/NAME")
     language = source_language(args)
     if args.hub_mask_repo_id and not language:
-        raise ValueError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")
+        raise UsageError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")
 
     # 2. Claim each ticket directory (new, or holding this same ticket), load the source once,
     #    compute every mask in one pass over its weights, and write the tickets.

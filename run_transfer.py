@@ -28,15 +28,16 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, HfArgumentParser, set_seed
 
 from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.errors import MissingInput, UsageError
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask_and_metadata
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
+from utils.structure import architecture_differences, family_of
 from utils.tickets import PruneSpec, find_ticket
 from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
-ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim", "conv_kernel", "conv_stride")
 
 
 @dataclass
@@ -72,11 +73,11 @@ def main():
     upstream = "base" if transfer_args.upstream == "base" else resolve_language(transfer_args.upstream).code
     downstream = resolve_language(transfer_args.downstream)
     if data_args.language and resolve_language(data_args.language).code != downstream.code:
-        raise ValueError(f"--language {data_args.language!r} contradicts --downstream {transfer_args.downstream!r}: give --downstream only")
+        raise UsageError(f"--language {data_args.language!r} contradicts --downstream {transfer_args.downstream!r}: give --downstream only")
     data_args.language = downstream.code
     sparsity = check_sparsity(transfer_args.sparsity)
     if transfer_args.prune_scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown --prune_scope {transfer_args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
+        raise UsageError(f"unknown --prune_scope {transfer_args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
     freeze_epochs = transfer_args.freeze_epochs if upstream != downstream.code else 0
     training_args.num_train_epochs = freeze_epochs + transfer_args.train_epochs
     if freeze_epochs and training_args.world_size > 1:
@@ -99,15 +100,15 @@ def main():
             ticket_ref, found = find_ticket(upstream, sparsity, transfer_args.tickets_dir, transfer_args.ticket_repo_pattern, transfer_args.upstream_model, spec)
         ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else Path(snapshot_download(ticket_ref))
     if not (ticket_dir / MASK_FILE).is_file():
-        raise FileNotFoundError(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
+        raise MissingInput(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
     mask, ticket_info = load_mask_and_metadata(ticket_dir)
     if abs(ticket_info["sparsity"] - sparsity) > 1e-9:
-        raise ValueError(f"ticket {ticket_ref!r} has sparsity {ticket_info['sparsity']:.2f}, not the {sparsity:.2f} asked for")
+        raise UsageError(f"ticket {ticket_ref!r} has sparsity {ticket_info['sparsity']:.2f}, not the {sparsity:.2f} asked for")
     if model_args.model_name_or_path != ModelArguments.model_name_or_path:  # the user named the base the ticket must come from
         expected, actual = AutoConfig.from_pretrained(model_args.model_name_or_path), AutoConfig.from_pretrained(ticket_dir)
-        differ = [f for f in ARCHITECTURE_FIELDS if getattr(expected, f, None) != getattr(actual, f, None)]
+        differ = architecture_differences(expected, actual)
         if differ:
-            raise ValueError(f"ticket {ticket_ref!r} does not match --model_name_or_path {model_args.model_name_or_path!r}: {', '.join(differ)} differ")
+            raise UsageError(f"ticket {ticket_ref!r} does not match --model_name_or_path {model_args.model_name_or_path!r}: {', '.join(differ)} differ")
     logger.info("ticket %s (%s): %d of %d weights kept", ticket_ref, found, ticket_info["kept_total"], ticket_info["total"])
     set_seed(training_args.seed)
 
@@ -134,8 +135,7 @@ def main():
         callbacks.append(HoldMaskCallback(mask))
     freezer = None
     if freeze_epochs:
-        keep_frozen = ("wav2vec2.feature_extractor.",) if model_args.freeze_feature_encoder else ()
-        freezer = FreezeEncoderCallback(freeze_epochs, keep_frozen)
+        freezer = FreezeEncoderCallback(freeze_epochs, family_of(model), model_args.freeze_feature_encoder)
         callbacks.append(freezer)
     trainer = CTCTrainer(
         model=model,

@@ -22,8 +22,8 @@ from utils.data import (
     prepare_features,
 )
 from utils.languages import resolve_language
+from utils.structure import frames_for_samples, receptive_field
 from utils.text import build_vocab, normalize_text, unseen_chars
-from utils.model import frames_for_samples, receptive_field
 
 
 @pytest.mark.parametrize(

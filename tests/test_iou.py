@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from utils.iou import group_of, iou_tables, load_packed, random_iou
+from utils.iou import iou_tables, load_packed, random_iou
 from utils.masks import save_mask
+from utils.structure import group_of
 
 SHAPES = {  # two "layers", odd sizes so tensors do not fill whole 64-bit words
     "wav2vec2.encoder.layers.0.attention.q_proj.weight": (37, 29),

@@ -5,8 +5,8 @@ from transformers import AutoConfig, EvalPrediction, TrainingArguments, Wav2Vec2
 
 from tests.conftest import TINY_CONFIG
 from utils.data import build_processor
-from utils.text import build_vocab
 from utils.metrics import error_rates, greedy_transcripts
+from utils.text import build_vocab
 from utils.training import CTCTrainer
 
 

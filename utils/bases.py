@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import UsageError
 from .iou import chance_corrected
 from .report import cell_rates, cells_at, markdown_table, noise_floor, pct, plt, save_figure
 from .stats import CONFIDENCE, Interval, Rates, bootstrap_interval, mean_rate_interval
@@ -63,7 +64,7 @@ class BaseResults:
 def _check_pairs(base: BaseResults, pairs: list[tuple[str, str]], dominant: str) -> None:
     missing = sorted({key for u, d in pairs for key in ((u, d), (dominant, d)) if key not in base.rates})
     if missing:
-        raise ValueError(f"base {base.name!r} has no transfer results for {', '.join(f'{u}->{d}' for u, d in missing)}: expected every ticket on every downstream language")
+        raise UsageError(f"base {base.name!r} has no transfer results for {', '.join(f'{u}->{d}' for u, d in missing)}: expected every ticket on every downstream language")
 
 
 def advantage_interval(base: BaseResults, pairs: list[tuple[str, str]], dominant: str) -> Interval:
@@ -80,7 +81,7 @@ def advantage_difference_interval(base: BaseResults, reference: BaseResults, pai
     for _, d in pairs:
         ids = [[u.id for u in b.cells[(dominant, d)][0]["utterances"]] for b in (base, reference)]
         if ids[0] != ids[1]:
-            raise ValueError(f"bases {base.name!r} and {reference.name!r} were tested on different {d} utterances: expected the same test set to compare them")
+            raise UsageError(f"bases {base.name!r} and {reference.name!r} were tested on different {d} utterances: expected the same test set to compare them")
     strata = {d: base.rates[(dominant, d)].utterances for _, d in pairs}
     return bootstrap_interval(strata, lambda idx: _advantage(base.rates, pairs, dominant, idx) - _advantage(reference.rates, pairs, dominant, idx))
 

@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 import soundfile as sf
 
+from .errors import MissingInput, OutputConflict, UsageError
 from .languages import resolve_language
 from .runs import replace_dir_atomic, write_json_atomic
 from .text import SAMPLING_RATE, normalize_text
@@ -52,14 +53,14 @@ def word_list(code: str, size: int) -> list[str]:
     import wordfreq
 
     if code not in wordfreq.available_languages():
-        raise ValueError(f"no wordfreq word list for language {code!r}: expected one of {sorted(wordfreq.available_languages())}")
+        raise UsageError(f"no wordfreq word list for language {code!r}: expected one of {sorted(wordfreq.available_languages())}")
     words = []
     for word in wordfreq.top_n_list(code, size * 5):
         if len(word) >= 2 and normalize_text(word, code) == word and " " not in word and word not in words:
             words.append(word)
         if len(words) == size:
             return words
-    raise ValueError(f"wordfreq has only {len(words)} usable words for {code!r}, fewer than the {size} asked for")
+    raise UsageError(f"wordfreq has only {len(words)} usable words for {code!r}, fewer than the {size} asked for")
 
 
 def _sentences(rng: random.Random, words: list[str], count: int, exclude: set[str]) -> list[str]:
@@ -92,12 +93,12 @@ def synthesize(text: str, voice: str, speed: int, pitch: int, path: Path) -> Non
 def _generate_language(code: str, split_sizes: dict[str, int], vocab_size: int, seed: int, workers: int, target: Path, settings: dict) -> None:
     language = resolve_language(code)
     if language.espeak_voice is None:
-        raise ValueError(
+        raise UsageError(
             f"no espeak-ng voice for {language.name} ({code}): the generated corpus cannot include it; "
             "use FLEURS or your own recordings (--data_dir) for this language"
         )
     if shutil.which("espeak-ng") is None:
-        raise FileNotFoundError("espeak-ng is not installed: run `make setup` (apt-get install espeak-ng)")
+        raise MissingInput("espeak-ng is not installed: run `make setup` (apt-get install espeak-ng)")
     words = word_list(code, vocab_size)
     tmp = Path(f"{target}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,10 +133,10 @@ def _reusable(target: Path, settings: dict, other: str) -> bool:
     if not target.exists():
         return False
     if not (target / "corpus.json").is_file():
-        raise FileExistsError(f"{target} exists but is not a generated corpus (no corpus.json): choose another output directory")
+        raise OutputConflict(f"{target} exists but is not a generated corpus (no corpus.json): choose another output directory")
     existing = json.loads((target / "corpus.json").read_text(encoding="utf-8"))
     if existing != json.loads(json.dumps(settings)):
-        raise FileExistsError(f"{target} holds {other} ({existing}): expected {settings}; choose another output directory")
+        raise OutputConflict(f"{target} holds {other} ({existing}): expected {settings}; choose another output directory")
     return True
 
 
@@ -175,7 +176,7 @@ def mix_corpus(
     per_language = per_language or {}
     total = sum(mixture.values())
     if not mixture or total <= 0 or any(w < 0 for w in mixture.values()):
-        raise ValueError(f"mixture {mixture!r}: expected positive weights per language, e.g. en=0.5 de=0.25 es=0.25")
+        raise UsageError(f"mixture {mixture!r}: expected positive weights per language, e.g. en=0.5 de=0.25 es=0.25")
     sources = generate_corpus(output_dir, list(mixture), **per_language)
     settings = {"version": CORPUS_VERSION, "mixture": {resolve_language(k).code: v / total for k, v in mixture.items()}, "num_train": num_train, "num_eval": num_eval, "seed": seed, "sources": per_language}
     target = Path(output_dir) / "mul"

@@ -27,9 +27,10 @@ from datasets import Audio, Dataset, DatasetDict, Features, List, Value, load_da
 from huggingface_hub import hf_hub_download
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
+from .errors import MissingInput, UsageError
 from .languages import Language
-from .model import frames_for_samples, receptive_field
 from .runs import atomic_open, replace_dir_atomic
+from .structure import check_feature_extractor, frames_for_samples, front_end_key, receptive_field
 from .text import PAD, SAMPLING_RATE, UNK, WORD_DELIMITER, build_vocab, normalize_text, unseen_chars
 
 logger = logging.getLogger(__name__)
@@ -142,17 +143,17 @@ def load_local_splits(data_dir: str, wanted: tuple[str, ...] = SPLITS, require_t
     to the split folder. Rows whose audio file is missing are skipped and counted."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
+        raise MissingInput(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
     splits = {}
     for split in wanted:
         metadata = root / split / "metadata.csv"
         if not metadata.is_file():
-            raise FileNotFoundError(f"missing {metadata}: --data_dir needs {'/, '.join(wanted)}/ each with metadata.csv")
+            raise MissingInput(f"missing {metadata}: --data_dir needs {'/, '.join(wanted)}/ each with metadata.csv")
         with open(metadata, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing_columns = ({"file_name", "transcription"} if require_text else {"file_name"}) - set(reader.fieldnames or ())
             if missing_columns:
-                raise ValueError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
+                raise UsageError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
             rows = list(reader)
         paths, texts, ids, missing = [], [], [], []
         for row in rows:
@@ -182,7 +183,7 @@ def load_fleurs_split(config: str, split: str, revision: Optional[str] = None) -
         tsv = hf_hub_download(FLEURS_REPO, f"data/{config}/{split}.tsv", repo_type="dataset", revision=revision)
         archive = hf_hub_download(FLEURS_REPO, f"data/{config}/audio/{split}.tar.gz", repo_type="dataset", revision=revision)
     except Exception as err:  # huggingface_hub raises several types; all mean "not there"
-        raise FileNotFoundError(
+        raise MissingInput(
             f"cannot fetch FLEURS config {config!r} split {split!r} from {FLEURS_REPO}: {type(err).__name__}: {err}"
         ) from err
     audio_dir = _extract_once(archive)
@@ -232,7 +233,7 @@ def load_hub_splits(args: DataArguments, language: Language, wanted: tuple[str, 
             dataset = dataset.add_column(args.text_column_name, [""] * len(dataset))
         for column in (args.audio_column_name, args.text_column_name):
             if column not in dataset.column_names:
-                raise ValueError(
+                raise UsageError(
                     f"{args.dataset_name} split {name!r} has no column {column!r}: columns are {dataset.column_names} "
                     "(set --audio_column_name / --text_column_name)"
                 )
@@ -270,11 +271,11 @@ def normalize_splits(splits: DatasetDict, language: Language, chars_to_ignore: O
         if len(splits[name]) < before:
             logger.warning("%s: skipped %d of %d rows with an empty transcript", name, before - len(splits[name]), before)
         if len(splits[name]) == 0:
-            raise ValueError(f"split {name!r} has no usable rows: expected non-empty transcripts with readable audio")
+            raise UsageError(f"split {name!r} has no usable rows: expected non-empty transcripts with readable audio")
     return splits
 
 
-FEATURES_VERSION = 1  # bump when featurize changes what it writes: old cached features are then ignored
+FEATURES_VERSION = 2  # bump when featurize changes what it writes: old cached features are then ignored
 
 
 def features_fingerprint(split: Dataset, processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor], limits: dict) -> str:
@@ -309,7 +310,8 @@ def prepare_features(
     cache_key: Optional[dict] = None,
     min_frames: int = 1,
 ) -> DatasetDict:
-    """Decode audio (16 kHz), extract ``input_values``, tokenise ``labels`` and filter, logging a
+    """Decode audio (16 kHz), extract the model's input (``input_values`` of raw-waveform families,
+    log-mel ``input_features`` of w2v-BERT: whatever the extractor names first), tokenise ``labels`` and filter, logging a
     count per reason: unreadable audio, too short (under the receptive field ``min_samples`` or
     ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align) or
     than ``min_frames``. Given a bare feature extractor (pretraining), ``labels`` stay empty.
@@ -321,31 +323,34 @@ def prepare_features(
     decoder = Audio(sampling_rate=SAMPLING_RATE)
     extractor = getattr(processor, "feature_extractor", processor)
     tokenizer = getattr(processor, "tokenizer", None)
+    input_name = extractor.model_input_names[0]
+    log_mel = input_name == "input_features"
+    empty = np.zeros((0, extractor.feature_size * getattr(extractor, "stride", 1)) if log_mel else 0, np.float32)
 
     def featurize(row):
         try:
             array = decoder.decode_example(row["audio"])["array"]
         except Exception:  # any decoder failure means the same thing: this file cannot be used
-            return {"input_values": np.zeros(0, np.float32), "labels": [], "input_length": 0, "skip": "unreadable audio"}
-        input_values = np.asarray(extractor(array, sampling_rate=SAMPLING_RATE).input_values[0], np.float32)
-        labels = tokenizer(row["text"]).input_ids if tokenizer else []
+            return {input_name: empty, "labels": [], "input_length": 0, "skip": "unreadable audio"}
         n = len(array)
+        if n < min_samples:  # too short to extract (log-mel needs two windows): skipped below
+            return {input_name: empty, "labels": [], "input_length": n, "skip": f"shorter than {min_samples} samples"}
+        inputs = np.asarray(extractor(array, sampling_rate=SAMPLING_RATE)[input_name][0], np.float32)
+        labels = tokenizer(row["text"]).input_ids if tokenizer else []
         skip = ""
-        if n < min_samples:
-            skip = f"shorter than {min_samples} samples"
-        elif n > max_samples:
+        if n > max_samples:
             skip = f"longer than {max_samples} samples"
         elif frames_for_samples(n) < len(labels):
             skip = "fewer output frames than label tokens"
         elif frames_for_samples(n) < min_frames:
             skip = f"fewer than {min_frames} output frames"
-        return {"input_values": input_values, "labels": labels, "input_length": n, "skip": skip}
+        return {input_name: inputs, "labels": labels, "input_length": n, "skip": skip}
 
     features = Features(
         {
             "id": Value("string"),
             "text": Value("string"),
-            "input_values": List(Value("float32")),
+            input_name: List(List(Value("float32"))) if log_mel else List(Value("float32")),
             "labels": List(Value("int32")),
             "input_length": Value("int64"),
             "skip": Value("string"),
@@ -369,21 +374,23 @@ def prepare_features(
             logger.warning("%s: skipped %d of %d rows (%s)", name, sum(reasons.values()), len(dataset), detail)
         dataset = dataset.filter(lambda row: not row["skip"]).remove_columns("skip")
         if len(dataset) == 0:
-            raise ValueError(f"split {name!r} has no usable rows after filtering: see the skip counts above")
+            raise UsageError(f"split {name!r} has no usable rows after filtering: see the skip counts above")
         prepared[name] = dataset
     return DatasetDict(prepared)
 
 
 @dataclass
 class DataCollatorCTCWithPadding:
-    """Pads ``input_values`` with the feature extractor and ``labels`` with -100 (ignored by CTC)."""
+    """Pads the model input (``input_values`` or ``input_features``) with the feature extractor and
+    ``labels`` with -100 (ignored by CTC)."""
 
     processor: Wav2Vec2Processor
     padding: Union[bool, str] = True
     pad_to_multiple_of: Optional[int] = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        inputs = [{"input_values": f["input_values"]} for f in features]
+        name = self.processor.feature_extractor.model_input_names[0]
+        inputs = [{name: f[name]} for f in features]
         labels = [{"input_ids": f["labels"]} for f in features]
         batch = self.processor.feature_extractor.pad(
             inputs, padding=self.padding, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
@@ -409,6 +416,7 @@ def vectorize_splits(
     raw: DatasetDict, processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor], config, args: DataArguments, min_frames: int = 1
 ) -> DatasetDict:
     """``prepare_features`` with the limits a model config and the duration flags imply."""
+    check_feature_extractor(config, getattr(processor, "feature_extractor", processor))
     return prepare_features(
         raw,
         processor,
@@ -416,6 +424,6 @@ def vectorize_splits(
         min_samples=max(receptive_field(config), int(args.min_duration_in_seconds * SAMPLING_RATE)),
         max_samples=int(args.max_duration_in_seconds * SAMPLING_RATE),
         num_proc=args.preprocessing_num_workers,
-        cache_key={"conv_kernel": list(config.conv_kernel), "conv_stride": list(config.conv_stride)},
+        cache_key=front_end_key(config),
         min_frames=min_frames,
     )

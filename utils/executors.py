@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import UsageError
 from .runs import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,27 +57,27 @@ def parse_resources(raw: Any) -> dict[str, Resources]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"grid config resources {raw!r}: expected a mapping of step kinds ({', '.join(STEP_KINDS)}) to resources")
+        raise UsageError(f"grid config resources {raw!r}: expected a mapping of step kinds ({', '.join(STEP_KINDS)}) to resources")
     out = {}
     for kind, values in raw.items():
         if kind not in STEP_KINDS:
-            raise ValueError(f"grid config resources.{kind}: unknown step kind, expected one of {', '.join(STEP_KINDS)}")
+            raise UsageError(f"grid config resources.{kind}: unknown step kind, expected one of {', '.join(STEP_KINDS)}")
         if not isinstance(values, dict):
-            raise ValueError(f"grid config resources.{kind} {values!r}: expected a mapping such as {{gpus: 1, cpus: 8, mem_gb: 32, time_min: 120}}")
+            raise UsageError(f"grid config resources.{kind} {values!r}: expected a mapping such as {{gpus: 1, cpus: 8, mem_gb: 32, time_min: 120}}")
         known = {f.name for f in fields(Resources)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"grid config resources.{kind} has unknown key(s) {unknown}: expected some of {sorted(known)}")
+            raise UsageError(f"grid config resources.{kind} has unknown key(s) {unknown}: expected some of {sorted(known)}")
         for key, value in values.items():
             whole = isinstance(value, int) and not isinstance(value, bool)
             if key == "gpus" and not (whole and value >= 0):
-                raise ValueError(f"grid config resources.{kind}.gpus {value!r}: expected a non-negative integer")
+                raise UsageError(f"grid config resources.{kind}.gpus {value!r}: expected a non-negative integer")
             if key in ("cpus", "nodes", "time_min") and not (whole and value >= 1):
-                raise ValueError(f"grid config resources.{kind}.{key} {value!r}: expected a positive integer")
+                raise UsageError(f"grid config resources.{kind}.{key} {value!r}: expected a positive integer")
             if key == "mem_gb" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-                raise ValueError(f"grid config resources.{kind}.mem_gb {value!r}: expected a positive number of GB")
+                raise UsageError(f"grid config resources.{kind}.mem_gb {value!r}: expected a positive number of GB")
         if (values.get("gpus", 0) > 1 or values.get("nodes", 1) > 1) and kind not in TRAINING_KINDS:
-            raise ValueError(f"grid config resources.{kind}: several GPUs or nodes only help training steps ({', '.join(TRAINING_KINDS)})")
+            raise UsageError(f"grid config resources.{kind}: several GPUs or nodes only help training steps ({', '.join(TRAINING_KINDS)})")
         out[kind] = Resources(**values)
     return out
 
@@ -85,12 +86,12 @@ def parse_slurm(raw: Any) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ValueError(f"grid config slurm {raw!r}: expected a mapping with some of {', '.join(SLURM_KEYS)}")
+        raise UsageError(f"grid config slurm {raw!r}: expected a mapping with some of {', '.join(SLURM_KEYS)}")
     unknown = sorted(set(raw) - set(SLURM_KEYS))
     if unknown:
-        raise ValueError(f"grid config slurm has unknown key(s) {unknown}: expected some of {list(SLURM_KEYS)}")
+        raise UsageError(f"grid config slurm has unknown key(s) {unknown}: expected some of {list(SLURM_KEYS)}")
     if not isinstance(raw.get("additional", {}), dict):
-        raise ValueError(f"grid config slurm.additional {raw['additional']!r}: expected a mapping of sbatch options")
+        raise UsageError(f"grid config slurm.additional {raw['additional']!r}: expected a mapping of sbatch options")
     return dict(raw)
 
 
@@ -99,7 +100,7 @@ def launch_command(launcher: str, resources: Resources) -> list[str]:
     step's GPUs and nodes (machine rank and main address are added on each node at run time)."""
     if launcher == "python":
         if resources.gpus > 1 or resources.nodes > 1:
-            raise ValueError(f"{resources.gpus} GPU(s) on {resources.nodes} node(s) need launcher: accelerate launch, not python")
+            raise UsageError(f"{resources.gpus} GPU(s) on {resources.nodes} node(s) need launcher: accelerate launch, not python")
         return [sys.executable]
     launch = shlex.split(launcher)
     processes = max(1, resources.gpus) * resources.nodes
@@ -211,7 +212,7 @@ def check_local(jobs: list[JobSpec], gpus: int) -> None:
     """Every job must fit this machine: its GPUs, and one node."""
     for job in jobs:
         if job.resources.gpus > gpus or job.multinode:
-            raise ValueError(f"step {job.id} asks for {job.resources.gpus} GPU(s) on {job.resources.nodes} node(s) but this machine has "
+            raise UsageError(f"step {job.id} asks for {job.resources.gpus} GPU(s) on {job.resources.nodes} node(s) but this machine has "
                              f"{gpus} GPU(s): lower its resources, or use --executor slurm")
 
 
@@ -296,7 +297,7 @@ class LocalPool:
 
 def slurm_executor(folder: Path):
     if shutil.which("sbatch") is None:
-        raise ValueError("--executor slurm needs Slurm's sbatch, which is not on this machine's PATH: use --executor local, or --dry_run for the commands")
+        raise UsageError("--executor slurm needs Slurm's sbatch, which is not on this machine's PATH: use --executor local, or --dry_run for the commands")
     import submitit
 
     return submitit.SlurmExecutor(folder=str(folder / "%j"))

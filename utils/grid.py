@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import GENERATED_CORPUS_DIR
+from .errors import MissingInput, UsageError
 from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .masks import MASK_FILE, check_sparsity
@@ -104,15 +105,15 @@ def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"grid config {path!r} does not exist") from None
+        raise MissingInput(f"grid config {path!r} does not exist") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"grid config {path!r} is not a mapping of settings")
+        raise UsageError(f"grid config {path!r} is not a mapping of settings")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
     parent_path = str(Path(path).parent / str(parent))
     if os.path.realpath(parent_path) in seen:
-        raise ValueError(f"grid config {path!r} extends {parent!r}, which extends it again: expected a chain that ends")
+        raise UsageError(f"grid config {path!r} extends {parent!r}, which extends it again: expected a chain that ends")
     return _read_config(parent_path, seen + (os.path.realpath(path),)) | raw
 
 
@@ -122,10 +123,10 @@ def load_config(path: str) -> StudyConfig:
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"grid config {path!r} has unknown key(s) {unknown}: expected some of {sorted(known)}")
+        raise UsageError(f"grid config {path!r} has unknown key(s) {unknown}: expected some of {sorted(known)}")
     missing = sorted(f.name for f in fields(StudyConfig) if f.name in {"name", "output_dir", "model", "upstream", "downstream", "sparsities"} and f.name not in raw)
     if missing:
-        raise ValueError(f"grid config {path!r} lacks {missing}")
+        raise UsageError(f"grid config {path!r} lacks {missing}")
     config = StudyConfig(**raw)
     config.resources = parse_resources(config.resources)
     config.slurm = parse_slurm(config.slurm)
@@ -135,22 +136,22 @@ def load_config(path: str) -> StudyConfig:
     config.downstream = [resolve_language(code).code for code in config.downstream]
     config.sparsities = sorted({check_sparsity(s) for s in config.sparsities})
     if not isinstance(config.seeds, list) or not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in config.seeds):
-        raise ValueError(f"grid config seeds {config.seeds!r}: expected a list of integers")
+        raise UsageError(f"grid config seeds {config.seeds!r}: expected a list of integers")
     repeated = sorted({s for s in config.seeds if config.seeds.count(s) > 1})
     if repeated:
-        raise ValueError(f"grid config seeds {config.seeds!r} give seed(s) {repeated} more than once: expected distinct seeds")
+        raise UsageError(f"grid config seeds {config.seeds!r} give seed(s) {repeated} more than once: expected distinct seeds")
     if config.ctc_pretrain:
         if config.data.get("dataset_name") != "generated" or "mixture" not in config.ctc_pretrain:
-            raise ValueError("grid config 'ctc_pretrain' needs data.dataset_name: generated and a ctc_pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
+            raise UsageError("grid config 'ctc_pretrain' needs data.dataset_name: generated and a ctc_pretrain.mixture such as {en: 0.5, de: 0.25, es: 0.25}")
         config.ctc_pretrain["mixture"] = {resolve_language(code).code: float(w) for code, w in config.ctc_pretrain["mixture"].items()}
         if any(resolve_language(code).espeak_voice is None for code in config.ctc_pretrain["mixture"]):
-            raise ValueError(f"ctc_pretrain.mixture {config.ctc_pretrain['mixture']} names a language without an espeak-ng voice")
+            raise UsageError(f"ctc_pretrain.mixture {config.ctc_pretrain['mixture']} names a language without an espeak-ng voice")
     if config.bases or config.ssl_pretrain or config.dominant:
         _check_bases(config)
     if config.data.get("dataset_name") == "generated":
         silent = [code for code in study_languages(config) if resolve_language(code).espeak_voice is None]
         if silent:
-            raise ValueError(f"the generated corpus has no voice for {', '.join(sorted(set(silent)))}: use FLEURS for them or drop them from the config")
+            raise UsageError(f"the generated corpus has no voice for {', '.join(sorted(set(silent)))}: use FLEURS for them or drop them from the config")
     return config
 
 
@@ -158,22 +159,22 @@ def _check_bases(config: StudyConfig) -> None:
     """``bases``: named mixtures (parsed like ``--mixture``), not mixed with ``ctc_pretrain``;
     ``dominant`` one of the upstream languages."""
     if not isinstance(config.bases, dict) or len(config.bases) < 1:
-        raise ValueError(f"grid config bases {config.bases!r}: expected a mapping of names to {{mixture: {{en: 0.7, de: 0.3}}}} (ssl_pretrain and dominant need it)")
+        raise UsageError(f"grid config bases {config.bases!r}: expected a mapping of names to {{mixture: {{en: 0.7, de: 0.3}}}} (ssl_pretrain and dominant need it)")
     if config.ctc_pretrain:
-        raise ValueError("grid config gives both 'ctc_pretrain' and 'bases': expected one way to make the base (bases: self-supervised, by run_pretrain.py)")
+        raise UsageError("grid config gives both 'ctc_pretrain' and 'bases': expected one way to make the base (bases: self-supervised, by run_pretrain.py)")
     for name, settings in config.bases.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
-            raise ValueError(f"base name {name!r}: expected letters, digits, '_', '.' or '-' (it names a folder)")
+            raise UsageError(f"base name {name!r}: expected letters, digits, '_', '.' or '-' (it names a folder)")
         if not isinstance(settings, dict) or "mixture" not in settings:
-            raise ValueError(f"base {name!r}: expected a mapping with a mixture, e.g. {{mixture: {{en: 0.7, de: 0.3}}}}")
+            raise UsageError(f"base {name!r}: expected a mapping with a mixture, e.g. {{mixture: {{en: 0.7, de: 0.3}}}}")
         try:
             settings["mixture"] = parse_mixture(settings["mixture"] if isinstance(settings["mixture"], dict) else list(settings["mixture"]))
-        except ValueError as err:
-            raise ValueError(f"base {name!r}: {err}") from None
+        except UsageError as err:
+            raise UsageError(f"base {name!r}: {err}") from None
     shares = [(w, code) for settings in config.bases.values() for code, w in settings["mixture"].items()]
     config.dominant = resolve_language(config.dominant).code if config.dominant else max(shares, key=lambda x: x[0])[1]
     if config.dominant not in config.upstream:
-        raise ValueError(f"dominant language {config.dominant!r} is not an upstream language {config.upstream}: its ticket is what the others are compared with")
+        raise UsageError(f"dominant language {config.dominant!r} is not an upstream language {config.upstream}: its ticket is what the others are compared with")
 
 
 def study_languages(config: StudyConfig) -> list[str]:

@@ -11,25 +11,15 @@ Random baseline: two independent random masks of densities ``a`` and ``b`` have 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Optional
 
 import numpy as np
 
+from .errors import UsageError
 from .masks import read_mask_words, resolve_mask
-
-MODULE_TYPES = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "out_proj": "out",
-    "intermediate_dense": "ffn_in",
-    "output_dense": "ffn_out",
-}
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
+from .structure import group_of
 
 @dataclass
 class PackedMask:
@@ -63,13 +53,13 @@ def check_comparable(masks: list[PackedMask]) -> None:
         if first.metadata["shapes"] != other.metadata["shapes"]:
             a, b = first.metadata["shapes"], other.metadata["shapes"]
             name = next((n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)))
-            raise ValueError(
+            raise UsageError(
                 f"masks {first.label!r} and {other.label!r} cover different tensors or shapes ({name}: {a.get(name)} vs {b.get(name)}): "
                 "expected tickets of the same architecture"
             )
         for key in ("scope", "sparsity"):
             if first.metadata.get(key) != other.metadata.get(key):
-                raise ValueError(
+                raise UsageError(
                     f"masks {first.label!r} and {other.label!r} differ in {key} ({first.metadata.get(key)!r} vs {other.metadata.get(key)!r}): "
                     f"expected the same {key}"
                 )
@@ -96,13 +86,6 @@ def random_iou(density_a: float, density_b: float) -> float:
 def chance_corrected(iou: float, random: float) -> float:
     """(IoU - random) / (1 - random): 0 for masks no closer than random ones, 1 for identical masks."""
     return (iou - random) / (1 - random) if random < 1 else float("nan")
-
-
-def group_of(name: str) -> tuple[Optional[int], str]:
-    """(layer index, module type) of a parameter name; ``None``/``other`` outside encoder layers."""
-    layer = _LAYER.search(name)
-    module = next((short for key, short in MODULE_TYPES.items() if f".{key}." in name), "other")
-    return (int(layer.group(1)) if layer else None), module
 
 
 def pair_rows(a: PackedMask, b: PackedMask, scratch: Optional[np.ndarray] = None) -> tuple[dict, list[dict]]:

@@ -12,6 +12,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Language:
@@ -167,4 +169,4 @@ def resolve_language(code: str) -> Language:
     to_code |= {lang.name.lower(): lang.code for lang in LANGUAGES.values()}
     close = dict.fromkeys(to_code[m] for m in difflib.get_close_matches(key, list(to_code), n=8, cutoff=0.6))
     hint = f"did you mean {', '.join(list(close)[:5])}?" if close else "see utils/languages.py for the table"
-    raise ValueError(f"unknown language {code!r}: expected one of the {len(LANGUAGES)} FLEURS codes; {hint}")
+    raise UsageError(f"unknown language {code!r}: expected one of the {len(LANGUAGES)} FLEURS codes; {hint}")

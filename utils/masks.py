@@ -18,7 +18,7 @@ Mask file (``mask.safetensors``), format version 1:
 - safetensors metadata ``mask`` = JSON with ``format`` ("language-tickets-mask"),
   ``format_version``, ``shapes``, ``kept`` (per tensor), ``encodings``, ``total``, ``kept_total``,
   ``sparsity`` (asked for) and ``actual_sparsity``, ``scope``, ``method``, ``layerwise``,
-  ``tie_rule``, ``seed``, ``language``, ``source_model``, ``source_revision`` and ``sha256``
+  ``tie_rule``, ``seed``, ``language``, ``source_model``, ``source_revision``, ``model_type`` (the family; absent in older masks) and ``sha256``
   (of the uncompressed packed bits, tensors in sorted name order).
 """
 
@@ -38,21 +38,23 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save
 
+from .errors import MissingInput, UsageError
 from .runs import atomic_open, explain_hub_error
+from .structure import family_of, family_of_name
 
 MASK_FORMAT = "language-tickets-mask"
 MASK_FORMAT_VERSION = 1
 MASK_FILE = "mask.safetensors"
 TIE_RULE = "lower score pruned first; equal scores: earlier tensor (named_parameters order), then lower row-major index, pruned first"
 
-# Named scopes. Biases, norms, the positional conv (weight-normed) and lm_head are never pruned.
-_ENCODER_LINEAR = re.compile(r"(^|\.)encoder\.layers\.\d+\..*\.weight$")
-_PROJECTION = re.compile(r"(^|\.)feature_projection\.projection\.weight$")
-_CONV = re.compile(r"(^|\.)feature_extractor\.conv_layers\.\d+\.conv\.weight$")
+# Named scopes, read from each family's entry in ``utils.structure``. Biases, norms, positional
+# convolutions, adapters and the CTC head are never pruned.
 PRUNE_SCOPES = {
-    "encoder_linear": "every nn.Linear weight in the transformer encoder layers (attention q/k/v/out, both feed-forward matrices): the paper's and PARP's scope",
+    "encoder_linear": "every weight of the encoder layers' attention (q/k/v/out) and feed-forward matrices, and for conformer "
+    "layers (w2v-BERT) both feed-forward blocks and the convolution module: the paper's and PARP's scope",
     "encoder_and_projection": "encoder_linear plus the feature projection",
-    "encoder_projection_conv": "encoder_and_projection plus the conv feature encoder kernels (for tiny models, whose compute sits in the conv stack)",
+    "encoder_projection_conv": "encoder_and_projection plus the conv feature encoder kernels (raw-waveform families; for tiny "
+    "models, whose compute sits in the conv stack)",
 }
 PRUNE_METHODS = ("magnitude", "random")
 
@@ -60,26 +62,22 @@ PRUNE_METHODS = ("magnitude", "random")
 def prunable_parameters(model: torch.nn.Module, scope: str = "encoder_linear") -> dict[str, torch.nn.Parameter]:
     """The weights a scope names, in ``named_parameters()`` order (the order the tie rule uses)."""
     if scope not in PRUNE_SCOPES:
-        raise ValueError(f"unknown prune scope {scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
-    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    conv_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Conv1d)}
-    selected = {}
-    for name, param in model.named_parameters():
-        in_scope = name in linear_weights and _ENCODER_LINEAR.search(name)
-        if scope != "encoder_linear":
-            in_scope = in_scope or (name in linear_weights and _PROJECTION.search(name))
-        if scope == "encoder_projection_conv":
-            in_scope = in_scope or (name in conv_weights and _CONV.search(name))
-        if in_scope:
-            selected[name] = param
-    if not selected:
-        raise ValueError(f"the model ({type(model).__name__}) has no prunable tensors in scope {scope!r}: expected a wav2vec2-family encoder")
-    return selected
+        raise UsageError(f"unknown prune scope {scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
+    family = family_of(model)
+    if scope == "encoder_projection_conv" and family.feature_encoder is None:
+        raise UsageError(f"prune scope {scope!r} needs a conv feature encoder, which a {family.name} model has none of: "
+                         "expected encoder_linear or encoder_and_projection")
+    conv = family.conv_kernel_pattern if scope == "encoder_projection_conv" else None
+
+    def in_scope(name: str) -> bool:
+        return bool(family.module_of(name) or (scope != "encoder_linear" and name == family.projection_weight) or (conv and conv.match(name)))
+
+    return {name: param for name, param in model.named_parameters() if in_scope(name)}
 
 
 def check_sparsity(sparsity: float) -> float:
     if not (isinstance(sparsity, (int, float)) and 0.0 < float(sparsity) < 1.0):
-        raise ValueError(f"sparsity {sparsity!r} is outside (0, 1): expected e.g. 0.7, 0.8 or 0.9")
+        raise UsageError(f"sparsity {sparsity!r} is outside (0, 1): expected e.g. 0.7, 0.8 or 0.9")
     return float(sparsity)
 
 
@@ -101,7 +99,7 @@ def score_fn(method: str, seed: int = 0) -> ScoreFn:
             return torch.rand(weight.shape, generator=generator)
 
         return random_scores
-    raise ValueError(f"unknown prune method {method!r}: expected one of {', '.join(PRUNE_METHODS)}")
+    raise UsageError(f"unknown prune method {method!r}: expected one of {', '.join(PRUNE_METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -216,10 +214,13 @@ def check_mask_fits(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     missing = [name for name in mask if name not in params]
     if missing:
-        raise ValueError(f"mask names {len(missing)} parameter(s) the model lacks, e.g. {missing[0]!r}: expected a mask made for this architecture")
+        family, made_for = family_of(model), family_of_name(missing[0])
+        if made_for is not None and made_for is not family:
+            raise UsageError(f"the mask was made for a {made_for.name} model but this model is {family.name}: expected a ticket of the same family")
+        raise UsageError(f"mask names {len(missing)} parameter(s) the model lacks, e.g. {missing[0]!r}: expected a mask made for this architecture")
     for name, keep in mask.items():
         if tuple(keep.shape) != tuple(params[name].shape):
-            raise ValueError(f"mask shape {tuple(keep.shape)} for {name!r} does not fit the model's {tuple(params[name].shape)}")
+            raise UsageError(f"mask shape {tuple(keep.shape)} for {name!r} does not fit the model's {tuple(params[name].shape)}")
 
 
 @torch.no_grad()
@@ -309,15 +310,15 @@ def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
         with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
             if "mask" not in header:
-                raise ValueError(f"{path} is a safetensors file but not a mask of ours (no 'mask' metadata)")
+                raise UsageError(f"{path} is a safetensors file but not a mask of ours (no 'mask' metadata)")
             metadata = json.loads(header["mask"])
             stored = {name: f.get_tensor(name) for name in f.keys()}
-    except ValueError:
+    except UsageError:
         raise
     except Exception as err:  # safetensors raises several types for truncated or garbled files
-        raise ValueError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
+        raise UsageError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
     if metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
-        raise ValueError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
+        raise UsageError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
     names = sorted(metadata["shapes"])
     nbytes = {name: math.ceil(math.prod(metadata["shapes"][name]) / 8) for name in names}
     slices, total = {}, 0
@@ -329,7 +330,7 @@ def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
     digest = hashlib.sha256()
     for name in names:
         if name not in stored:
-            raise ValueError(f"{path} lacks tensor {name!r} listed in its metadata: the file is corrupted")
+            raise UsageError(f"{path} lacks tensor {name!r} listed in its metadata: the file is corrupted")
         target = raw[slices[name].start * 8 : slices[name].start * 8 + nbytes[name]]
         data = stored[name]
         try:
@@ -343,12 +344,12 @@ def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
                 filled, overflow = data.size, data.size > nbytes[name]
                 target[: min(data.size, nbytes[name])] = data[: nbytes[name]]
         except zstandard.ZstdError as err:
-            raise ValueError(f"{path}: tensor {name!r} does not decompress ({err}): the file is corrupted") from err
+            raise UsageError(f"{path}: tensor {name!r} does not decompress ({err}): the file is corrupted") from err
         if filled != nbytes[name] or overflow:
-            raise ValueError(f"{path}: tensor {name!r} holds the wrong number of bytes, expected {nbytes[name]}: the file is corrupted")
+            raise UsageError(f"{path}: tensor {name!r} holds the wrong number of bytes, expected {nbytes[name]}: the file is corrupted")
         digest.update(target)
     if digest.hexdigest() != metadata["sha256"]:
-        raise ValueError(f"{path} fails its checksum (sha256 {digest.hexdigest()[:12]}..., expected {metadata['sha256'][:12]}...): the file is corrupted")
+        raise UsageError(f"{path} fails its checksum (sha256 {digest.hexdigest()[:12]}..., expected {metadata['sha256'][:12]}...): the file is corrupted")
     return MaskWords(words, slices, nbytes, metadata)
 
 
@@ -368,14 +369,14 @@ def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
             repo_type, ref = "dataset", ref[len("datasets/") :]
         match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?:/(.+))?", ref)
         if not match:
-            raise ValueError(f"mask reference {reference!r} is not hf://[datasets/]ORG/NAME[@REV][/PATH]")
+            raise UsageError(f"mask reference {reference!r} is not hf://[datasets/]ORG/NAME[@REV][/PATH]")
         repo_id, revision, path = match.groups()
         if repo_type == "dataset" and not path:
-            raise ValueError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
+            raise UsageError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
         return repo_id, repo_type, path or MASK_FILE, revision
     match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?::(.+))?", ref)
     if not match:
-        raise ValueError(
+        raise UsageError(
             f"mask reference {reference!r} is not an existing path, ORG/NAME (ticket repo), ORG/NAME:PATH (masks dataset) or hf://..."
         )
     repo_id, revision, path = match.groups()
@@ -396,7 +397,7 @@ def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
     local = Path(os.path.expanduser(str(reference)))
     if local.is_dir():
         if not (local / MASK_FILE).is_file():
-            raise FileNotFoundError(f"{local} holds no {MASK_FILE}: expected a ticket directory written by run_prune.py")
+            raise MissingInput(f"{local} holds no {MASK_FILE}: expected a ticket directory written by run_prune.py")
         return local / MASK_FILE
     if local.is_file():
         return local
@@ -404,11 +405,11 @@ def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
     try:
         return Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
     except EntryNotFoundError as err:
-        raise FileNotFoundError(f"{repo_type} repo {repo_id} has no file {path!r} (from reference {str(reference)!r})") from err
+        raise MissingInput(f"{repo_type} repo {repo_id} has no file {path!r} (from reference {str(reference)!r})") from err
     except (HfHubHTTPError, RepositoryNotFoundError) as err:
         raise explain_hub_error(err, repo_id, f"download {path} from") from err
     except Exception as err:  # offline / no such local path / network: all mean "not found"
-        raise FileNotFoundError(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err
+        raise MissingInput(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err
 
 
 def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:

@@ -22,6 +22,7 @@ import jiwer
 import numpy as np
 from transformers import Wav2Vec2Processor
 
+from .errors import MissingInput, UsageError
 from .runs import atomic_open
 
 # The splits a run evaluates, by the metric prefix the Trainer gives them.
@@ -89,20 +90,20 @@ def read_predictions(path: str | os.PathLike, expect_cer: Optional[float] = None
     must reproduce them exactly, else one clear error (a stale or foreign file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected the per-utterance predictions the run wrote beside its results")
+        raise MissingInput(f"{path} does not exist: expected the per-utterance predictions the run wrote beside its results")
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             try:
                 rows.append(Utterance(**json.loads(line)))
             except (json.JSONDecodeError, TypeError) as err:
-                raise ValueError(f"{path} line {number} is not a predictions row ({err}): expected the fields of utils.metrics.Utterance") from None
+                raise UsageError(f"{path} line {number} is not a predictions row ({err}): expected the fields of utils.metrics.Utterance") from None
     if expect_count is not None and len(rows) != expect_count:
-        raise ValueError(f"{path} holds {len(rows)} utterances but its results report {expect_count}: the files do not belong together")
+        raise UsageError(f"{path} holds {len(rows)} utterances but its results report {expect_count}: the files do not belong together")
     if expect_cer is not None:
         cer = corpus_rates(rows)["cer"] if rows else float("nan")
         if not np.isclose(cer, expect_cer, rtol=0, atol=1e-12):
-            raise ValueError(f"{path} sums to CER {cer:.6f} but its results report {expect_cer:.6f}: the files do not belong together")
+            raise UsageError(f"{path} sums to CER {cer:.6f} but its results report {expect_cer:.6f}: the files do not belong together")
     return rows
 
 

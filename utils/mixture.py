@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .errors import UsageError
 from .languages import resolve_language
 
 SHARE_TOLERANCE = 1e-6
@@ -29,20 +30,20 @@ def parse_mixture(items: list[str] | dict[str, float]) -> dict[str, float]:
             try:  # without "=" the share is empty and fails here too
                 pairs.append((code, float(share)))
             except ValueError:
-                raise ValueError(f"mixture entry {item!r}: expected language=share, e.g. en=0.5") from None
+                raise UsageError(f"mixture entry {item!r}: expected language=share, e.g. en=0.5") from None
     if not pairs:
-        raise ValueError("empty mixture: expected language=share entries, e.g. en=0.5 de=0.25 es=0.25")
+        raise UsageError("empty mixture: expected language=share entries, e.g. en=0.5 de=0.25 es=0.25")
     shares: dict[str, float] = {}
     for code, share in pairs:
         language = resolve_language(str(code))  # unknown codes raise with the list of known ones
         if language.code in shares:
-            raise ValueError(f"mixture names {language.code!r} twice: expected each language once")
+            raise UsageError(f"mixture names {language.code!r} twice: expected each language once")
         if not isinstance(share, (int, float)) or not math.isfinite(share) or share < 0:
-            raise ValueError(f"mixture share {code}={share!r}: expected a number >= 0")
+            raise UsageError(f"mixture share {code}={share!r}: expected a number >= 0")
         shares[language.code] = float(share)
     total = sum(shares.values())
     if abs(total - 1.0) > SHARE_TOLERANCE:
-        raise ValueError(f"mixture shares {shares} sum to {total:g}: expected them to sum to 1")
+        raise UsageError(f"mixture shares {shares} sum to {total:g}: expected them to sum to 1")
     return shares
 
 
@@ -79,10 +80,10 @@ def draw_mixture(
     order; by seconds, the prefix whose length is closest to the language's target. A total larger
     than a language holds is refused, naming the language and what it holds."""
     if (total_clips is None) == (total_seconds is None):
-        raise ValueError("give exactly one of a total in clips or in hours")
+        raise UsageError("give exactly one of a total in clips or in hours")
     missing = [code for code in shares if code not in durations]
     if missing:
-        raise ValueError(f"no {what} data for {missing}: the mixture needs every language it names")
+        raise UsageError(f"no {what} data for {missing}: the mixture needs every language it names")
     picked = {}
     counts = clip_counts(shares, total_clips) if total_clips is not None else None
     for code, share in shares.items():
@@ -90,13 +91,13 @@ def draw_mixture(
         random.Random(f"{seed}-{code}-{what}").shuffle(order)
         if counts is not None:
             if counts[code] > len(order):
-                raise ValueError(f"the {what} mixture asks for {counts[code]} {code} clips but the source holds {len(order)}: lower the total")
+                raise UsageError(f"the {what} mixture asks for {counts[code]} {code} clips but the source holds {len(order)}: lower the total")
             picked[code] = sorted(order[: counts[code]])
             continue
         target = share * total_seconds
         available = sum(durations[code])
         if available < target * (1 - SHARE_TOLERANCE):
-            raise ValueError(f"the {what} mixture asks for {target / 3600:.3g} h of {code} but the source holds {available / 3600:.3g} h: lower the total")
+            raise UsageError(f"the {what} mixture asks for {target / 3600:.3g} h of {code} but the source holds {available / 3600:.3g} h: lower the total")
         cumulative, best, best_gap = 0.0, 0, target
         for k, index in enumerate(order, start=1):
             cumulative += durations[code][index]

@@ -1,5 +1,5 @@
-"""The CTC model: loading a wav2vec2-family checkpoint (or a bare config) with a head sized to a
-vocabulary, and the conv front-end arithmetic (receptive field, output frames) data filtering needs."""
+"""The CTC model: loading a checkpoint of a supported family (or a bare config) with a head sized
+to a vocabulary."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PretrainedConfig, PreTrainedModel, Wav2Vec2Processor
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
 from .runs import replace_dir_atomic
+from .structure import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor, new_head:
     checkpoint's differs in size or is missing, or when ``new_head``: same size, other letters)
     and the overrides of ``args`` applied to the config."""
     config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    family = family_of(config)  # an unsupported family is refused before any weights load
     overrides = {
         name: getattr(args, name)
         for name in ("attention_dropout", "activation_dropout", "hidden_dropout", "feat_proj_dropout", "final_dropout", "mask_time_prob", "layerdrop")
@@ -73,27 +75,12 @@ def load_ctc_model(args: ModelArguments, processor: Wav2Vec2Processor, new_head:
             args.model_name_or_path, config=config, revision=args.model_revision, ignore_mismatched_sizes=True
         )
     if new_head:
-        torch.nn.init.normal_(model.lm_head.weight, std=config.initializer_range)
-        torch.nn.init.zeros_(model.lm_head.bias)
-    if args.freeze_feature_encoder:
+        head = model.get_submodule(family.head)
+        torch.nn.init.normal_(head.weight, std=config.initializer_range)
+        torch.nn.init.zeros_(head.bias)
+    if args.freeze_feature_encoder and family.feature_encoder:
         model.freeze_feature_encoder()
     return model
-
-
-def receptive_field(config: PretrainedConfig) -> int:
-    """Samples one output frame sees: the shortest clip that yields a frame (400 for XLS-R)."""
-    field_, jump = 1, 1
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        field_ += (kernel - 1) * jump
-        jump *= stride
-    return field_
-
-
-def frames_for_samples(config: PretrainedConfig, num_samples: int) -> int:
-    """Output frames of the conv feature encoder for a clip of ``num_samples`` (no padding)."""
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        num_samples = max(0, (num_samples - kernel) // stride + 1)
-    return num_samples
 
 
 def init_from_config(config_dir: str, output_dir: str, seed: int = 0) -> None:

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+from .errors import UsageError
 from .iou import chance_corrected
 from .runs import atomic_open
 from .stats import CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, mean_rate_interval, paired_difference_interval, rate_interval
@@ -159,14 +160,14 @@ def cells_at(rows: list[dict], sparsity: float) -> dict[tuple[str, str], list[di
         runs.sort(key=lambda r: r["seed"])
         seeds = [r["seed"] for r in runs]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"{u}->{d} at sparsity {sparsity:.2f} has seeds {seeds}: expected one run per seed")
+            raise UsageError(f"{u}->{d} at sparsity {sparsity:.2f} has seeds {seeds}: expected one run per seed")
         for r in runs:
             ids = [x.id for x in r["utterances"]]
             label = f"{u}->{d} seed {r['seed']}"
             if d not in reference:
                 reference[d] = (ids, label)
             elif ids != reference[d][0]:
-                raise ValueError(f"{label} was tested on other utterances than {reference[d][1]}: expected the same {d} test set for a paired comparison")
+                raise UsageError(f"{label} was tested on other utterances than {reference[d][1]}: expected the same {d} test set for a paired comparison")
     return cells
 
 

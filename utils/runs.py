@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .errors import OutputConflict, UsageError
+
 SIGNATURE_FILE = "run_signature.json"
 
 # Fields that decide where results go, how progress is shown, or how memory and devices are used,
@@ -134,12 +136,12 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
         recorded = json.loads(signature_path.read_text(encoding="utf-8"))
         difference = first_difference(recorded, signature)
         if difference:
-            raise FileExistsError(
+            raise OutputConflict(
                 f"output_dir {output_dir!r} holds a different run ({describe_difference(difference)}): "
                 "choose another --output_dir, or re-run with the recorded settings to resume it"
             )
     elif is_main_process and path.is_dir() and any(path.iterdir()):  # other ranks may see the main one's files appear
-        raise FileExistsError(
+        raise OutputConflict(
             f"output_dir {output_dir!r} is not empty and has no {SIGNATURE_FILE}: expected an empty or new directory"
         )
     if is_main_process:
@@ -149,7 +151,7 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
     return get_last_checkpoint(output_dir) if path.is_dir() else None
 
 
-class HubError(RuntimeError):
+class HubError(UsageError):
     """A Hub operation failed; the message names the repo and what to do."""
 
 
@@ -173,9 +175,8 @@ def run_cli(main) -> None:
 
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, HubError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 from scipy.stats import bootstrap
 
+from .errors import UsageError
+
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 SEED = 0
@@ -103,7 +105,7 @@ def bootstrap_interval(
 def _check_same_test_set(cells: dict[str, Rates]) -> None:
     sizes = {name: rates.utterances for name, rates in cells.items()}
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"cells scored on different numbers of test utterances {sizes}: expected the same test set")
+        raise UsageError(f"cells scored on different numbers of test utterances {sizes}: expected the same test set")
 
 
 def rate_interval(rates: Rates, **kwargs) -> Interval:

@@ -8,6 +8,8 @@ import unicodedata
 from collections import Counter
 from typing import Optional
 
+from .errors import UsageError
+
 SAMPLING_RATE = 16_000
 WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 
@@ -44,7 +46,7 @@ def build_vocab(texts: list[str]) -> dict[str, int]:
     space, ``[UNK]`` and ``[PAD]`` (the CTC blank)."""
     chars = sorted(set("".join(texts)) - {" "})
     if not chars:
-        raise ValueError("the training split has no characters left after normalisation: expected transcripts")
+        raise UsageError("the training split has no characters left after normalisation: expected transcripts")
     vocab = {char: i for i, char in enumerate(chars)}
     for token in (WORD_DELIMITER, UNK, PAD):
         vocab[token] = len(vocab)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor, set_seed
 
+from .errors import MissingInput
 from .hub import write_ticket_card
 from .masks import MASK_FILE, apply_mask, compute_masks, prunable_parameters, save_mask
 from .runs import claim_output_dir, write_json_atomic
@@ -100,6 +101,7 @@ def build_tickets(
             "language": language,
             "source_model": source,
             "source_revision": getattr(model.config, "_commit_hash", None),
+            "model_type": model.config.model_type,
         }
         infos[sparsity] = save_mask(tmp / MASK_FILE, masks[sparsity], info, compress=compress)
         write_ticket_card(tmp, infos[sparsity])
@@ -162,7 +164,7 @@ def find_ticket(
         return str(local), "pruned now"
     available = sorted(p.name for p in (Path(tickets_dir) / upstream).glob("sparsity-*") if (p / MASK_FILE).is_file())
     hint = f" ({upstream} has {', '.join(available)})" if available else ""
-    raise FileNotFoundError(
+    raise MissingInput(
         f"no {upstream} ticket at sparsity {sparsity:.2f}{hint}: looked in {'; '.join(looked)}. "
         "Pass --ticket, run run_prune.py, or give --upstream_model to prune one now"
     )

@@ -17,6 +17,7 @@ from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
+from .structure import Family
 
 logger = logging.getLogger(__name__)
 
@@ -129,21 +130,23 @@ class HoldMaskCallback(TrainerCallback):
 
 class FreezeEncoderCallback(TrainerCallback):
     """Trains only the CTC head for the first ``freeze_epochs`` epochs, then the whole model
-    (the conv feature encoder stays frozen if it was). Toggling ``requires_grad`` from a callback
-    keeps every parameter in the optimizer built at the start; freezing before the Trainer builds
-    it would leave the encoder out of it for good. Decided from the epoch a run is in, so a
+    (the conv feature encoder stays frozen if ``keep_feature_encoder_frozen``). The head and the
+    feature encoder are the model family's (``utils.structure``). Toggling ``requires_grad`` from a
+    callback keeps every parameter in the optimizer built at the start; freezing before the Trainer
+    builds it would leave the encoder out of it for good. Decided from the epoch a run is in, so a
     resumed run gets the right state."""
 
-    def __init__(self, freeze_epochs: int, keep_frozen: tuple[str, ...] = ()):
+    def __init__(self, freeze_epochs: int, family: Family, keep_feature_encoder_frozen: bool = True):
         self.freeze_epochs = freeze_epochs
-        self.keep_frozen = keep_frozen
+        self.head = family.head_prefix
+        self.keep_frozen = (family.feature_encoder_prefix,) if keep_feature_encoder_frozen and family.feature_encoder else ()
         self.frozen_in_epochs: list[int] = []
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         epoch = math.floor((state.epoch or 0.0) + 1e-6)
         frozen = epoch < self.freeze_epochs
         for name, param in model.named_parameters():
-            trainable = name.startswith("lm_head.") or (not frozen and not name.startswith(self.keep_frozen))
+            trainable = name.startswith(self.head) or (not frozen and not name.startswith(self.keep_frozen))
             param.requires_grad_(trainable)
         if frozen:
             self.frozen_in_epochs.append(epoch)
