@@ -11,28 +11,23 @@ lowest eval CTC loss, as the paper does.
 """
 
 import logging
-import os
-import sys
 
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
-from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.arguments import parse_arguments
+from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.errors import UsageError
 from utils.languages import resolve_language
-from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
+from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
-from utils.training import CTCTrainer, CTCTrainingArguments, train_and_evaluate, write_card_or_push
+from utils.training import CTCTrainer, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
 
 def main():
     # 1. Arguments: model, data and every TrainingArguments flag (or one JSON file holding them).
-    parser = HfArgumentParser((ModelArguments, DataArguments, CTCTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, training_args = parse_arguments("run_finetune.py")
     if not data_args.language:
         raise UsageError("--language is required: a language code such as en, ca or ast")
     language = resolve_language(data_args.language)

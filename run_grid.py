@@ -28,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from utils.arguments import flag_names
 from utils.bases import write_comparison
+from utils.data import DataArguments
 from utils.errors import UsageError
 from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
 from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
@@ -38,21 +40,13 @@ from utils.runs import run_cli
 
 def check_flags(config) -> None:
     """Extra flags in the config must be options of the scripts that receive them."""
-    from run_finetune import CTCTrainingArguments, DataArguments, ModelArguments
-    from run_pretrain import MixtureArguments, PretrainModelArguments, PretrainingArguments
-    from run_prune import PruneArguments
-    from run_transfer import TransferArguments
-
-    def names(*classes):
-        return {f.name for cls in classes for f in dataclasses.fields(cls)}
-
     allowed = {
-        "data": names(DataArguments),
-        "finetune": names(ModelArguments, DataArguments, CTCTrainingArguments),
-        "prune": names(PruneArguments),
-        "ctc_pretrain": names(ModelArguments, DataArguments, CTCTrainingArguments) | {"mixture", "num_train"},
-        "ssl_pretrain": names(PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments),
-        "transfer": names(TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
+        "data": {f.name for f in dataclasses.fields(DataArguments)},
+        "finetune": flag_names("run_finetune.py"),
+        "prune": flag_names("run_prune.py"),
+        "ctc_pretrain": flag_names("run_finetune.py") | {"mixture", "num_train"},
+        "ssl_pretrain": flag_names("run_pretrain.py"),
+        "transfer": flag_names("run_transfer.py"),
     }
     sections = {section: (getattr(config, section), valid) for section, valid in allowed.items()}
     sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items()}  # a base overrides ssl_pretrain flags

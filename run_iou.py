@@ -17,12 +17,11 @@ IoU two random masks of the same densities would have and the chance-corrected o
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from transformers import HfArgumentParser
 
+from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.iou import iou_matrix, iou_tables, load_packed, random_iou
 from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
@@ -31,12 +30,6 @@ from utils.runs import claim_output_dir, run_cli, write_json_atomic
 logger = logging.getLogger(__name__)
 PAIR_COLUMNS = ["a", "b", "iou", "random_iou", "chance_corrected", "intersection", "union", "kept_a", "kept_b", "weights"]
 
-
-@dataclass
-class IoUArguments:
-    masks: list[str] = field(metadata={"help": "LABEL=MASK pairs, e.g. en=tickets/en/sparsity-0.90 (dir, file or Hub reference); LANGUAGE@SEED labels compare seeds."})
-    output_dir: str = field(metadata={"help": "Where the tables and pictures go."})
-    base: Optional[str] = field(default=None, metadata={"help": "The base model's mask at the same sparsity (labelled 'base')."})
 
 
 def parse_masks(items: list[str], base: Optional[str]) -> dict[str, str]:
@@ -57,7 +50,7 @@ def parse_masks(items: list[str], base: Optional[str]) -> dict[str, str]:
 
 def main():
     # 1. Arguments: labelled masks, optional base, output dir (new or holding this same comparison).
-    (args,) = HfArgumentParser(IoUArguments).parse_args_into_dataclasses()
+    (args,) = parse_arguments("run_iou.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     references = parse_masks(args.masks, args.base)
     claim_output_dir(args.output_dir, {"script": "run_iou.py", "masks": references})

@@ -18,17 +18,14 @@ records the clips and seconds actually drawn per language.
 
 import logging
 import os
-import sys
-from dataclasses import dataclass, field
-from typing import Optional
 
-from transformers import AutoConfig, AutoFeatureExtractor, HfArgumentParser, Wav2Vec2ForPreTraining, set_seed
+from transformers import AutoConfig, AutoFeatureExtractor, Wav2Vec2ForPreTraining, set_seed
 
-from utils.data import DataArguments
+from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.mixture import load_mixture_splits, parse_mixture
 from utils.model import has_local_config_only
-from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingArguments, PretrainingTrainer
+from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingTrainer
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.structure import FAMILIES, family_of
 from utils.training import write_card_or_push
@@ -36,37 +33,9 @@ from utils.training import write_card_or_push
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PretrainModelArguments:
-    """The model to pretrain (a config directory starts from random weights; a checkpoint with a
-    quantiser continues) and the masking of the objective."""
-
-    model_name_or_path: str = field(metadata={"help": "Config dir (from scratch) or a pretrained checkpoint with its quantiser (continue)."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
-    freeze_feature_encoder: bool = field(default=False, metadata={"help": "Keep the conv feature encoder frozen."})
-    mask_time_prob: float = field(default=0.65, metadata={"help": "About this share of each clip's frames is masked (wav2vec 2.0: 0.65 with spans of 10)."})
-    mask_time_length: int = field(default=10, metadata={"help": "Frames per masked span."})
-    mask_time_min_masks: int = field(default=2, metadata={"help": "At least this many spans per clip."})
-    num_negatives: Optional[int] = field(default=None, metadata={"help": "Distractors per masked frame (default: the config's)."})
-
-
-@dataclass
-class MixtureArguments:
-    """Which languages in which shares, and how much audio in all."""
-
-    mixture: list[str] = field(metadata={"help": "Shares summing to 1, e.g. en=0.5 de=0.25 es=0.25."})
-    total_clips: Optional[int] = field(default=None, metadata={"help": "Training clips in all (or --total_hours)."})
-    total_hours: Optional[float] = field(default=None, metadata={"help": "Training audio in all, in hours (or --total_clips)."})
-    eval_clips: int = field(default=100, metadata={"help": "Validation clips, drawn in the same shares."})
-
-
 def main():
     # 1. Arguments: model, mixture, data source and every TrainingArguments flag.
-    parser = HfArgumentParser((PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, mix_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, mix_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, mix_args, data_args, training_args = parse_arguments("run_pretrain.py")
     shares = parse_mixture(mix_args.mixture)
     if (mix_args.total_clips is None) == (mix_args.total_hours is None):
         raise UsageError("give exactly one of --total_clips or --total_hours")

@@ -17,12 +17,11 @@ import hashlib
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from transformers import HfArgumentParser
 
+from utils.arguments import PruneArguments, parse_arguments
 from utils.errors import UsageError
 from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
@@ -31,27 +30,6 @@ from utils.runs import run_cli
 from utils.tickets import PruneSpec, build_tickets, ticket_dirs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PruneArguments:
-    model_name_or_path: str = field(metadata={"help": "Fine-tuned CTC model or pretrained base model: local dir or Hub id."})
-    output_dir: str = field(metadata={"help": "Ticket directory (one sparsity) or parent of sparsity-X.XX/ directories."})
-    sparsity: list[float] = field(default_factory=lambda: [0.8], metadata={"help": "Fraction of in-scope weights pruned; several share one pass."})
-    language: Optional[str] = field(
-        default=None, metadata={"help": "Language the source was fine-tuned on, or 'base' for the pretrained control (default: read from a run_finetune.py output dir)."}
-    )
-    prune_scope: str = field(default="encoder_linear", metadata={"help": "One of: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_SCOPES.items())})
-    method: str = field(default="magnitude", metadata={"help": "magnitude (L1), or random (control: same count, random positions)."})
-    layerwise: bool = field(default=False, metadata={"help": "Control: the same sparsity in every tensor instead of one global threshold."})
-    seed: int = field(default=0, metadata={"help": "Seed of the threshold sample, random scores and any new head."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision of the source model."})
-    compress: bool = field(default=True, metadata={"help": "zstd-compress mask tensors when it saves at least 10%."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Push each ticket as a model repo (--hub_model_id)."})
-    hub_model_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of the ticket repo; with several sparsities '-sparsity-0.80' etc. is appended."})
-    hub_mask_repo_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of a dataset repo that collects masks, with an index table."})
-    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
-    hub_private_repo: Optional[bool] = field(default=None, metadata={"help": "Create new repos as private."})
 
 
 def ticket_repo(args: PruneArguments, sparsity: float) -> Optional[str]:
@@ -72,7 +50,7 @@ def source_language(args: PruneArguments) -> Optional[str]:
 
 def main():
     # 1. Arguments, checked before anything is loaded or written.
-    (args,) = HfArgumentParser(PruneArguments).parse_args_into_dataclasses()
+    (args,) = parse_arguments("run_prune.py")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
     args.sparsity = sorted({check_sparsity(s) for s in args.sparsity})
     if args.prune_scope not in PRUNE_SCOPES:

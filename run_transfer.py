@@ -18,16 +18,16 @@ import hashlib
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 import transformers
 from huggingface_hub import snapshot_download
-from transformers import AutoConfig, HfArgumentParser, set_seed
+from transformers import AutoConfig, set_seed
 
-from utils.data import DataArguments, DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.arguments import parse_arguments
+from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.errors import MissingInput, UsageError
 from utils.languages import resolve_language
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask_and_metadata
@@ -35,26 +35,19 @@ from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_f
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.structure import architecture_differences, family_of
 from utils.tickets import PruneSpec, find_ticket
-from utils.training import CTCTrainer, CTCTrainingArguments, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
+from utils.training import CTCTrainer, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TransferArguments:
-    upstream: str = field(metadata={"help": "Language whose ticket is transferred (or 'base': the pruned pretrained model)."})
-    downstream: str = field(metadata={"help": "Language to fine-tune on and test."})
-    sparsity: float = field(default=0.8, metadata={"help": "Sparsity of the ticket."})
-    ticket: Optional[str] = field(default=None, metadata={"help": "Ticket directory or Hub repo, overriding the lookup by --upstream/--sparsity."})
-    tickets_dir: str = field(default="tickets", metadata={"help": "Local tickets: <tickets_dir>/<upstream>/sparsity-0.80/."})
-    ticket_repo_pattern: Optional[str] = field(
-        default=None, metadata={"help": "Hub ticket repos, e.g. 'me/xls-r-300m-{upstream}-ticket-sparsity-{sparsity:.2f}'."}
-    )
-    upstream_model: Optional[str] = field(default=None, metadata={"help": "Fine-tuned upstream model to prune now when no ticket exists (saved under --tickets_dir)."})
-    prune_scope: str = field(default="encoder_linear", metadata={"help": "Scope for pruning now (see run_prune.py)."})
-    freeze_epochs: int = field(default=1, metadata={"help": "Epochs with the encoder frozen when upstream != downstream."})
-    train_epochs: int = field(default=10, metadata={"help": "Epochs of full training (after the frozen ones)."})
-    dense_transfer: bool = field(default=False, metadata={"help": "Control: start from the ticket but let pruned weights regrow."})
+def fetch_ticket(reference: str) -> Path:
+    """A ticket model repo's local snapshot; a reference that is neither a directory nor a repo id is refused."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(reference))
+    except HFValidationError:
+        raise MissingInput(f"ticket {reference!r} is neither a directory nor a Hub repo id: expected a ticket directory or ORG/NAME") from None
 
 
 def weights_digest(model: torch.nn.Module, names) -> str:
@@ -68,8 +61,7 @@ def weights_digest(model: torch.nn.Module, names) -> str:
 def main():
     started = time.time()
     # 1. Arguments: transfer, model overrides, data (the downstream language) and every TrainingArguments flag.
-    parser = HfArgumentParser((TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments))
-    transfer_args, model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    transfer_args, model_args, data_args, training_args = parse_arguments("run_transfer.py")
     upstream = "base" if transfer_args.upstream == "base" else resolve_language(transfer_args.upstream).code
     downstream = resolve_language(transfer_args.downstream)
     if data_args.language and resolve_language(data_args.language).code != downstream.code:
@@ -98,7 +90,7 @@ def main():
         else:
             spec = PruneSpec(scope=transfer_args.prune_scope, seed=training_args.seed)
             ticket_ref, found = find_ticket(upstream, sparsity, transfer_args.tickets_dir, transfer_args.ticket_repo_pattern, transfer_args.upstream_model, spec)
-        ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else Path(snapshot_download(ticket_ref))
+        ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else fetch_ticket(ticket_ref)
     if not (ticket_dir / MASK_FILE).is_file():
         raise MissingInput(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
     mask, ticket_info = load_mask_and_metadata(ticket_dir)

@@ -11,6 +11,22 @@ sys.path.insert(0, str(ROOT))
 TINY_CONFIG = ROOT / "configs" / "tiny-wav2vec2"
 
 
+def run_in_process(script: str, args: list[str]) -> int:
+    """Run a script as ``__main__`` in this process with ``sys.argv`` patched, as the Hugging Face
+    example tests do (no interpreter start-up per call); returns its exit code."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return 0
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     from utils.corpus import generate_corpus
