@@ -49,7 +49,7 @@ def check_flags(config) -> None:
         "transfer": flag_names("run_transfer.py"),
     }
     sections = {section: (getattr(config, section), valid) for section, valid in allowed.items()}
-    sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items()}  # a base overrides ssl_pretrain flags
+    sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items() if "mixture" in settings}  # overrides ssl_pretrain flags
     for section, (settings, valid) in sections.items():
         unknown = sorted(set(settings) - valid)
         if unknown:
@@ -72,8 +72,7 @@ def aggregate(config, steps) -> Path:
     if not config.bases:
         return report
     write_csv_atomic(Path(config.output_dir) / "results.csv", table, ["base"] + RESULT_COLUMNS)
-    mixtures = {name: settings["mixture"] for name, settings in config.bases.items()}
-    path, _ = write_comparison(config.output_dir, per_base, config.sparsities, config.upstream, config.downstream, config.dominant, mixtures,
+    path, _ = write_comparison(config.output_dir, per_base, config.sparsities, config.upstream, config.downstream, config.dominant, config.bases,
                                f"Study: {config.name}: pretraining bases compared", config.note)
     return path
 

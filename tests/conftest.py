@@ -1,10 +1,16 @@
-"""Shared fixtures: a small generated corpus (made once per session) and the tiny model config."""
+"""Shared fixtures and helpers: a small generated corpus (made once per session), the tiny model
+config, running scripts and studies, hand-made results, a FLEURS-shaped offline Hub repo."""
 
+import csv
+import io
 import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,3 +54,82 @@ def script_env(tmp_path) -> dict:
         TOKENIZERS_PARALLELISM="false",
     )
     return env
+
+
+GRID_TRAIN = {"per_device_train_batch_size": 8, "learning_rate": 2.0e-3, "freeze_feature_encoder": False, "use_cpu": True, "disable_tqdm": True}
+
+
+def study_config(tmp_path, **overrides) -> dict:
+    """A small study config: one upstream and one downstream language, two seeds, the tiny model."""
+    return {
+        "name": "test study",
+        "output_dir": str(tmp_path / "study"),
+        "model": str(TINY_CONFIG),
+        "upstream": ["en"],
+        "downstream": ["ca"],
+        "sparsities": [0.8],
+        "seeds": [0, 1],
+        "data": {"data_dir": "UNUSED"},
+        "finetune": {"num_train_epochs": 1, "max_train_samples": 48, **GRID_TRAIN},
+        "transfer": {"freeze_epochs": 1, "train_epochs": 1, "max_train_samples": 24, **GRID_TRAIN},
+        "resources": {kind: {"cpus": 1} for kind in ("init", "finetune", "prune", "transfer", "iou")},  # one thread: runs comparable across --slots
+    } | overrides
+
+
+def write_study(tmp_path, name="study.yaml", **overrides):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study_config(tmp_path, **overrides), sort_keys=False))
+    return path
+
+
+def grid(path, *flags, timeout=600, **kw):
+    """run_grid.py in a fresh process, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(path), *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def utterances(edits, lengths):
+    from utils.metrics import Utterance
+
+    return [Utterance(f"{i}.wav", "x" * n, "", e, n, 1, 1) for i, (e, n) in enumerate(zip(edits, lengths))]
+
+
+def result_row(up, down, s, edits, lengths, seed=0):
+    """A transfer result as the grid collects it, from per-utterance edits and reference lengths."""
+    return {"upstream": up, "downstream": down, "sparsity": s, "seed": seed, "test_cer": sum(edits) / sum(lengths), "utterances": utterances(edits, lengths)}
+
+
+FAST = ["--model_name_or_path", str(TINY_CONFIG), "--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
+        "--adam_beta2", "0.98", "--warmup_steps", "20", "--freeze_feature_encoder", "False", "--disable_tqdm", "True", "--seed", "1"]
+
+
+def run_script(args, env, script="run_finetune.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _tar_gz(files: dict[str, Path]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for arcname, path in files.items():
+            tar.add(path, arcname=arcname)
+    return buf.getvalue()
+
+
+def make_fleurs_repo(hub_cache: Path, corpus: Path, language: str = "ca", config: str = "ca_es") -> None:
+    """A tiny google/fleurs-shaped repo in an offline Hub cache, made from the generated corpus."""
+    from tests.hub_cache import add_offline_repo
+
+    files = {}
+    for split, fleurs_split in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        with open(corpus / language / split / "metadata.csv", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        lines, audio = [], {}
+        for i, row in enumerate(rows):
+            name = f"{1000 + i}.wav"
+            raw = row["transcription"].capitalize() + "."
+            lines.append("\t".join([str(i), name, raw, row["transcription"], "x", "16000", "FEMALE"]))
+            audio[f"{fleurs_split}/{name}"] = corpus / language / split / row["file_name"]
+        files[f"data/{config}/{fleurs_split}.tsv"] = ("\n".join(lines) + "\n").encode()
+        files[f"data/{config}/audio/{fleurs_split}.tar.gz"] = _tar_gz(audio)
+    add_offline_repo(hub_cache, "google/fleurs", "dataset", files)

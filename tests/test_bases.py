@@ -7,9 +7,9 @@ import re
 from statistics import stdev
 
 import pytest
+import yaml
 
-from tests.conftest import TINY_CONFIG
-from tests.test_grid import _row, grid, write_study
+from tests.conftest import TINY_CONFIG, grid, result_row, write_study
 from utils.bases import advantage_pairs, compare_bases
 from utils.grid import load_config, plan
 
@@ -32,6 +32,9 @@ def test_bad_bases_are_refused_before_any_work(tmp_path):
         ({"ssl_pretrain": {"total_clips": 10}}, "grid config bases {}: expected a mapping"),
         ({"bases": BASES, "upstream": ["en", "de"], "ssl_pretrain": {"total_clip": 10}}, "section 'ssl_pretrain' has unknown flag(s) ['total_clip']"),
         ({"bases": {"a": {"mixture": {"en": 1.0}, "learning_rat": 1.0}}}, "section 'bases.a' has unknown flag(s) ['learning_rat']"),
+        ({"bases": {"a": {"mixture": {"en": 1.0}, "model": "org/x"}}}, "base 'a': expected a mapping with a mixture to pretrain on"),
+        ({"bases": {"a": {"model": "org/x", "learning_rate": 1.0}}}, "a base that starts from a model takes only model: ORG/NAME"),
+        ({"bases": {"a": {"model": "org/x"}, "b": {"model": "org/y"}}}, "grid config bases all start from models: expected dominant"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError) as err:
@@ -57,6 +60,24 @@ def test_plan_runs_the_whole_study_per_base_from_shared_initial_weights(tmp_path
     assert advantage_pairs(["en", "de", "es"], ["ca", "de", "en"], "en") == [("de", "ca"), ("es", "ca"), ("es", "de")]
 
 
+def test_plan_starts_each_model_base_from_its_own_model(tmp_path):
+    models = {"w2v": {"model": str(TINY_CONFIG)}, "bert": {"model": str(TINY_CONFIG.parent / "tiny-w2v-bert")}, "hub": {"model": "org/published"}}
+    path = write_study(tmp_path, bases=models, upstream=["en", "de"], dominant="en")
+    path.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "model"}))  # every base names its own model
+    config = load_config(str(path))
+    steps = plan(config)
+    ids = [s.id for s in steps]
+    for name in ("w2v", "bert"):  # config directories: a seeded initialisation step per base, which fine-tuning and the base ticket start from
+        init = steps[ids.index(f"base-{name}/seed-0/base-model")]
+        assert init.settings["init_from_config"] == models[name]["model"] and init.needs == []
+        finetune = steps[ids.index(f"base-{name}/seed-0/finetune/en")]
+        assert finetune.settings["model_name_or_path"] == init.settings["output_dir"] and finetune.needs == [init.id]
+    finetune = steps[ids.index("base-hub/seed-0/finetune/en")]
+    assert finetune.settings["model_name_or_path"] == "org/published" and finetune.needs == []
+    assert steps[ids.index("base-hub/seed-0/prune/base/sparsity-0.80")].settings["model_name_or_path"] == "org/published"
+    assert not any(s.kind == "pretrain" for s in steps)
+
+
 def _iou(labels, values):
     n = len(labels)
     matrix = [[1.0 if i == j else values.get(frozenset((labels[i], labels[j])), 0.0) for j in range(n)] for i in range(n)]
@@ -65,10 +86,10 @@ def _iou(labels, values):
 
 def test_comparison_matches_hand_computed_values():
     n = [10, 20, 10, 20]  # 60 reference characters; CER = edits / 60
-    a = [_row("en", "ca", 0.8, [3, 6, 3, 6], n), _row("de", "ca", 0.8, [6, 12, 6, 12], n), _row("es", "ca", 0.8, [3, 9, 3, 9], n),
-         _row("en", "ca", 0.8, [3, 3, 3, 3], n, seed=1), _row("de", "ca", 0.8, [6, 6, 6, 6], n, seed=1), _row("es", "ca", 0.8, [6, 6, 6, 6], n, seed=1)]
-    b = [_row("en", "ca", 0.8, [3, 6, 3, 6], n), _row("de", "ca", 0.8, [3, 6, 3, 6], n), _row("es", "ca", 0.8, [6, 6, 6, 6], n),
-         _row("en", "ca", 0.8, [6, 6, 6, 6], n, seed=1), _row("de", "ca", 0.8, [3, 6, 3, 6], n, seed=1), _row("es", "ca", 0.8, [3, 6, 3, 6], n, seed=1)]
+    a = [result_row("en", "ca", 0.8, [3, 6, 3, 6], n), result_row("de", "ca", 0.8, [6, 12, 6, 12], n), result_row("es", "ca", 0.8, [3, 9, 3, 9], n),
+         result_row("en", "ca", 0.8, [3, 3, 3, 3], n, seed=1), result_row("de", "ca", 0.8, [6, 6, 6, 6], n, seed=1), result_row("es", "ca", 0.8, [6, 6, 6, 6], n, seed=1)]
+    b = [result_row("en", "ca", 0.8, [3, 6, 3, 6], n), result_row("de", "ca", 0.8, [3, 6, 3, 6], n), result_row("es", "ca", 0.8, [6, 6, 6, 6], n),
+         result_row("en", "ca", 0.8, [6, 6, 6, 6], n, seed=1), result_row("de", "ca", 0.8, [3, 6, 3, 6], n, seed=1), result_row("es", "ca", 0.8, [3, 6, 3, 6], n, seed=1)]
     labels = ["en", "de", "es", "base"]
     ious = {0.8: {"per_seed": [_iou(labels, {frozenset(("en", "base")): 0.5}), _iou(labels, {frozenset(("en", "base")): 0.7})]}}
     seed_iou = {"pairs": [{"a": "en@0", "b": "en@1", "iou": 0.3, "random_iou": 0.1}], "layers": []}

@@ -1,7 +1,5 @@
 import csv
-import io
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +9,7 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor
 
-from tests.conftest import TINY_CONFIG
-from tests.hub_cache import add_offline_repo
+from tests.conftest import TINY_CONFIG, make_fleurs_repo
 from utils.data import (
     DataCollatorCTCWithPadding,
     build_processor,
@@ -152,31 +149,6 @@ class _Shim:
 
     def __init__(self, config):
         self.config = config
-
-
-def _tar_gz(files: dict[str, Path]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for arcname, path in files.items():
-            tar.add(path, arcname=arcname)
-    return buf.getvalue()
-
-
-def make_fleurs_repo(hub_cache: Path, corpus: Path, language: str = "ca", config: str = "ca_es") -> None:
-    """A tiny google/fleurs-shaped repo in an offline Hub cache, made from the generated corpus."""
-    files = {}
-    for split, fleurs_split in (("train", "train"), ("validation", "dev"), ("test", "test")):
-        with open(corpus / language / split / "metadata.csv", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        lines, audio = [], {}
-        for i, row in enumerate(rows):
-            name = f"{1000 + i}.wav"
-            raw = row["transcription"].capitalize() + "."
-            lines.append("\t".join([str(i), name, raw, row["transcription"], "x", "16000", "FEMALE"]))
-            audio[f"{fleurs_split}/{name}"] = corpus / language / split / row["file_name"]
-        files[f"data/{config}/{fleurs_split}.tsv"] = ("\n".join(lines) + "\n").encode()
-        files[f"data/{config}/audio/{fleurs_split}.tar.gz"] = _tar_gz(audio)
-    add_offline_repo(hub_cache, "google/fleurs", "dataset", files)
 
 
 def test_fleurs_loader_reads_offline_hub_cache(tmp_path, corpus_dir, monkeypatch):

@@ -8,16 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_CONFIG
-from tests.test_data import make_fleurs_repo
-
-FAST = ["--model_name_or_path", str(TINY_CONFIG), "--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
-        "--adam_beta2", "0.98", "--warmup_steps", "20", "--freeze_feature_encoder", "False", "--disable_tqdm", "True", "--seed", "1"]
-
-
-def run_script(args, env, script="run_finetune.py"):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
+from tests.conftest import FAST, ROOT, make_fleurs_repo, run_script
 
 @pytest.fixture(scope="module")
 def finetuned(corpus_dir, tmp_path_factory):

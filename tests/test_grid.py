@@ -15,43 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, grid, result_row, study_config, write_study
 from utils.grid import load_config, plan
 from utils.masks import load_mask
-from utils.metrics import Utterance, read_predictions
+from utils.metrics import read_predictions
 from utils.report import cer_table, paired_table, write_report
 from utils.stats import Rates, paired_difference_interval, rate_interval
-
-TRAIN = {"per_device_train_batch_size": 8, "learning_rate": 2.0e-3, "freeze_feature_encoder": False, "use_cpu": True, "disable_tqdm": True}
-
-
-def study_config(tmp_path, **overrides) -> dict:
-    return {
-        "name": "test study",
-        "output_dir": str(tmp_path / "study"),
-        "model": str(TINY_CONFIG),
-        "upstream": ["en"],
-        "downstream": ["ca"],
-        "sparsities": [0.8],
-        "seeds": [0, 1],
-        "data": {"data_dir": "UNUSED"},
-        "finetune": {"num_train_epochs": 1, "max_train_samples": 48, **TRAIN},
-        "transfer": {"freeze_epochs": 1, "train_epochs": 1, "max_train_samples": 24, **TRAIN},
-        "resources": {kind: {"cpus": 1} for kind in ("init", "finetune", "prune", "transfer", "iou")},  # one thread: runs comparable across --slots
-    } | overrides
-
-
-def write_study(tmp_path, name="study.yaml", **overrides):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(study_config(tmp_path, **overrides), sort_keys=False))
-    return path
-
-
-def grid(path, *flags, timeout=600, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "run_grid.py"), "--config", str(path), *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
-
 
 def test_config_errors_come_before_any_work(tmp_path):
     from run_grid import check_flags
@@ -87,6 +56,9 @@ def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):
     assert demo[3].settings["model_name_or_path"] == demo[2].settings["output_dir"]  # upstream models start from the pretrained base
     assert load_config(str(ROOT / "configs" / "paper.yaml")).downstream == ["ca", "ast", "xh", "en", "de", "fr", "es", "pl"]
     assert len(plan(load_config(str(ROOT / "configs" / "paper.yaml")))) == 5 + 6 * 3 + 6 * 8 * 3 + 3
+    # Three published bases: per base and seed 5 fine-tunes, 6 prunes, 5 x 3 transfers, 1 IoU; per base 1 seed-to-seed IoU.
+    models = plan(load_config(str(ROOT / "configs" / "models.yaml")))
+    assert len(models) == 3 * (3 * (5 + 6 + 15 + 1) + 1) and not any(s.kind in ("init", "pretrain") for s in models)
     # Two seeds add the seed-to-seed IoU of every ticket, per sparsity.
     seeds = plan(load_config(str(write_study(tmp_path, "two.yaml"))))
     across = [s for s in seeds if s.id.startswith("iou-seeds/")]
@@ -228,20 +200,12 @@ def test_edited_settings_make_exactly_their_steps_stale_and_rerun_resumes(finish
     assert nothing.returncode == 0 and "no step is stale" in nothing.stdout and "ran 0 step(s), skipped 9" in nothing.stdout
 
 
-def _utterances(edits, lengths):
-    return [Utterance(f"{i}.wav", "x" * n, "", e, n, 1, 1) for i, (e, n) in enumerate(zip(edits, lengths))]
-
-
-def _row(up, down, s, edits, lengths, seed=0):
-    return {"upstream": up, "downstream": down, "sparsity": s, "seed": seed, "test_cer": sum(edits) / sum(lengths), "utterances": _utterances(edits, lengths)}
-
-
 def test_report_numbers_match_the_inputs(tmp_path):
     n = [10, 20, 10, 20]
     rows = [
-        _row("en", "ca", 0.9, [3, 6, 3, 6], n), _row("en", "en", 0.9, [1, 2, 1, 2], n), _row("en", "de", 0.9, [4, 8, 4, 8], n),
-        _row("de", "ca", 0.9, [3, 7, 4, 7], n), _row("de", "en", 0.9, [5, 10, 5, 10], n), _row("de", "de", 0.9, [2, 4, 2, 4], n),
-        _row("en", "ca", 0.9, [3, 7, 3, 7], n, seed=1), _row("de", "ca", 0.9, [4, 7, 4, 7], n, seed=1),
+        result_row("en", "ca", 0.9, [3, 6, 3, 6], n), result_row("en", "en", 0.9, [1, 2, 1, 2], n), result_row("en", "de", 0.9, [4, 8, 4, 8], n),
+        result_row("de", "ca", 0.9, [3, 7, 4, 7], n), result_row("de", "en", 0.9, [5, 10, 5, 10], n), result_row("de", "de", 0.9, [2, 4, 2, 4], n),
+        result_row("en", "ca", 0.9, [3, 7, 3, 7], n, seed=1), result_row("de", "ca", 0.9, [4, 7, 4, 7], n, seed=1),
     ]
     table, numbers = cer_table(rows, 0.9, ["en", "de"], ["ca", "en", "de"])
     lines = table.splitlines()
@@ -281,7 +245,7 @@ def test_report_numbers_match_the_inputs(tmp_path):
 
 
 def test_report_refuses_runs_on_different_test_sets(tmp_path):
-    rows = [_row("en", "ca", 0.9, [3, 6], [10, 20]), _row("de", "ca", 0.9, [3, 6, 1], [10, 20, 5])]
+    rows = [result_row("en", "ca", 0.9, [3, 6], [10, 20]), result_row("de", "ca", 0.9, [3, 6, 1], [10, 20, 5])]
     with pytest.raises(ValueError, match="en->ca seed 0 was tested on other utterances than de->ca seed 0: expected the same ca test set"):
         cer_table(rows, 0.9, ["en", "de"], ["ca"])
 

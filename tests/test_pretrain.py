@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_CONFIG
-from tests.test_finetune import FAST, run_script
+from tests.conftest import FAST, TINY_CONFIG, run_script
 from utils.mixture import clip_counts, describe_draw, draw_mixture, parse_mixture
 
 SSL = ["--mask_time_prob", "0.5", "--mask_time_length", "5", "--num_negatives", "10", "--use_cpu", "--disable_tqdm", "True",

@@ -208,17 +208,20 @@ def plot_advantage(numbers: dict, dominant: str, title: str, path: str | os.Path
 
 def write_comparison(
     study_dir: str | os.PathLike, per_base: dict[str, tuple[list[dict], dict, dict]], sparsities: list[float], upstreams: list[str],
-    downstreams: list[str], dominant: str, mixtures: dict[str, dict[str, float]], title: str, note: Optional[str] = None,
+    downstreams: list[str], dominant: str, bases: dict[str, dict], title: str, note: Optional[str] = None,
 ) -> tuple[Path, dict]:
-    """The top-level REPORT.md of a study with several bases; each base's own report is linked."""
+    """The top-level REPORT.md of a study with several bases (the config's ``bases``: each a
+    pretraining ``mixture`` or a ``model``); each base's own report is linked."""
     from .runs import atomic_open
 
     study_dir = Path(study_dir)
     (study_dir / "figures").mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}\n"] + ([note + "\n"] if note else [])
-    mixes = "; ".join(f"**{name}**: " + ", ".join(f"{code} {share:.0%}" for code, share in mix.items()) for name, mix in mixtures.items())
-    parts.append(f"Bases (self-supervised pretraining mixtures): {mixes}. Each base's full study: "
-                 + ", ".join(f"[base-{name}/REPORT.md](base-{name}/REPORT.md)" for name in mixtures) + ".\n")
+    origins = "; ".join(f"**{name}**: " + (", ".join(f"{code} {share:.0%}" for code, share in base["mixture"].items()) if "mixture" in base
+                                          else f"`{base['model']}`") for name, base in bases.items())
+    kind = "self-supervised pretraining mixtures" if all("mixture" in base for base in bases.values()) else "pretraining mixtures, or the models they start from"
+    parts.append(f"Bases ({kind}): {origins}. Each base's full study: "
+                 + ", ".join(f"[base-{name}/REPORT.md](base-{name}/REPORT.md)" for name in bases) + ".\n")
     parts.append(__doc__.split("\n\n", 1)[1].strip().replace("``", "`") + "\n")
     numbers = {}
     for s in sparsities:

@@ -66,17 +66,18 @@ class StudyConfig:
 
     The base the upstream languages are fine-tuned from is ``model`` itself, or (``ctc_pretrain``)
     a CTC stand-in trained on a generated mixture (the demo's), or (``bases``) several
-    self-supervised bases, ``{name: {mixture: {en: 0.7, ...}, other run_pretrain.py flags}}``,
-    each pretrained by ``run_pretrain.py`` with the ``ssl_pretrain`` flags, the whole study run per
-    base, and the bases compared on the advantage of ``dominant`` (default: the language with the
-    largest share in any base's mixture)."""
+    self-supervised bases, each ``{mixture: {en: 0.7, ...}, other run_pretrain.py flags}`` (pretrained
+    by ``run_pretrain.py`` with the ``ssl_pretrain`` flags) or ``{model: ORG/NAME}`` (a published
+    base of any supported family, or a config directory), the whole study run per base, and the
+    bases compared on the advantage of ``dominant`` (default: the language with the largest share
+    in any base's mixture)."""
 
     name: str
     output_dir: str
-    model: str
     upstream: list[str]
     downstream: list[str]
     sparsities: list[float]
+    model: Optional[str] = None  # needed unless every base names its own model
     seeds: list[int] = field(default_factory=lambda: [42])
     data: dict[str, Any] = field(default_factory=dict)
     prune_base: bool = True
@@ -124,7 +125,10 @@ def load_config(path: str) -> StudyConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"grid config {path!r} has unknown key(s) {unknown}: expected some of {sorted(known)}")
-    missing = sorted(f.name for f in fields(StudyConfig) if f.name in {"name", "output_dir", "model", "upstream", "downstream", "sparsities"} and f.name not in raw)
+    bases = raw.get("bases")
+    own_models = isinstance(bases, dict) and bases and all(isinstance(b, dict) and "model" in b for b in bases.values())
+    required = {"name", "output_dir", "upstream", "downstream", "sparsities"} | (set() if own_models else {"model"})
+    missing = sorted(f.name for f in fields(StudyConfig) if f.name in required and f.name not in raw)
     if missing:
         raise UsageError(f"grid config {path!r} lacks {missing}")
     config = StudyConfig(**raw)
@@ -156,22 +160,31 @@ def load_config(path: str) -> StudyConfig:
 
 
 def _check_bases(config: StudyConfig) -> None:
-    """``bases``: named mixtures (parsed like ``--mixture``), not mixed with ``ctc_pretrain``;
-    ``dominant`` one of the upstream languages."""
+    """``bases``: each a mixture to pretrain on (parsed like ``--mixture``) or a model to start from
+    (a published checkpoint or a config directory), not mixed with ``ctc_pretrain``; ``dominant``
+    one of the upstream languages (given, when no base has a mixture to infer it from)."""
     if not isinstance(config.bases, dict) or len(config.bases) < 1:
-        raise UsageError(f"grid config bases {config.bases!r}: expected a mapping of names to {{mixture: {{en: 0.7, de: 0.3}}}} (ssl_pretrain and dominant need it)")
+        raise UsageError(f"grid config bases {config.bases!r}: expected a mapping of names to {{mixture: {{en: 0.7, de: 0.3}}}} or {{model: ORG/NAME}} "
+                         "(ssl_pretrain and dominant need it)")
     if config.ctc_pretrain:
         raise UsageError("grid config gives both 'ctc_pretrain' and 'bases': expected one way to make the base (bases: self-supervised, by run_pretrain.py)")
     for name, settings in config.bases.items():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
             raise UsageError(f"base name {name!r}: expected letters, digits, '_', '.' or '-' (it names a folder)")
-        if not isinstance(settings, dict) or "mixture" not in settings:
-            raise UsageError(f"base {name!r}: expected a mapping with a mixture, e.g. {{mixture: {{en: 0.7, de: 0.3}}}}")
+        if not isinstance(settings, dict) or ("mixture" in settings) == ("model" in settings):
+            raise UsageError(f"base {name!r}: expected a mapping with a mixture to pretrain on, e.g. {{mixture: {{en: 0.7, de: 0.3}}}}, "
+                             "or a model to start from, e.g. {model: facebook/wav2vec2-xls-r-1b}")
+        if "model" in settings:
+            if set(settings) != {"model"} or not isinstance(settings["model"], str):
+                raise UsageError(f"base {name!r} {settings!r}: a base that starts from a model takes only model: ORG/NAME (or a local directory)")
+            continue
         try:
             settings["mixture"] = parse_mixture(settings["mixture"] if isinstance(settings["mixture"], dict) else list(settings["mixture"]))
         except UsageError as err:
             raise UsageError(f"base {name!r}: {err}") from None
-    shares = [(w, code) for settings in config.bases.values() for code, w in settings["mixture"].items()]
+    shares = [(w, code) for settings in config.bases.values() for code, w in settings.get("mixture", {}).items()]
+    if not config.dominant and not shares:
+        raise UsageError("grid config bases all start from models: expected dominant: the language whose advantage the bases are compared on (e.g. en)")
     config.dominant = resolve_language(config.dominant).code if config.dominant else max(shares, key=lambda x: x[0])[1]
     if config.dominant not in config.upstream:
         raise UsageError(f"dominant language {config.dominant!r} is not an upstream language {config.upstream}: its ticket is what the others are compared with")
@@ -179,7 +192,7 @@ def _check_bases(config: StudyConfig) -> None:
 
 def study_languages(config: StudyConfig) -> list[str]:
     """Every language a step reads: upstream, downstream and the bases' mixtures."""
-    mixtures = [code for settings in config.bases.values() for code in settings["mixture"]] + list(config.ctc_pretrain.get("mixture", {}))
+    mixtures = [code for settings in config.bases.values() for code in settings.get("mixture", {})] + list(config.ctc_pretrain.get("mixture", {}))
     return list(dict.fromkeys(config.upstream + config.downstream + mixtures))
 
 
@@ -273,7 +286,7 @@ def plan(config: StudyConfig) -> list[Step]:
         initial[seed] = (config.model, None)
         # A tiny model with no pretrained weights: initialise the study's base. (run_pretrain.py
         # starts from the config itself, seeded: every base of a seed starts from the same weights.)
-        if has_local_config_only(config.model) and not config.bases:
+        if config.model and has_local_config_only(config.model) and not config.bases:
             base = str(out / f"seed-{seed}" / "base-model")
             settings = {"init_from_config": config.model, "output_dir": base, "seed": seed}
             initial[seed] = (base, p.add(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id)
@@ -281,8 +294,17 @@ def plan(config: StudyConfig) -> list[Step]:
         for seed in config.seeds:
             base, base_step = initial[seed]
             target = root / f"seed-{seed}" / "pretrain"
-            script = None
-            if config.ctc_pretrain:
+            script, needs = None, [base_step]
+            if name is not None and "model" in config.bases[name]:  # a base to start from as it is (a config dir: seeded random weights)
+                base, base_step, needs = config.bases[name]["model"], None, [*data_steps]
+                if has_local_config_only(base):
+                    init = str(root / f"seed-{seed}" / "base-model")
+                    settings = {"init_from_config": base, "output_dir": init, "seed": seed}
+                    base_step = p.add(f"{prefix}seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(init) / "config.json",
+                                      settings, Path(init), []).id
+                    base = init
+                needs.append(base_step)
+            elif config.ctc_pretrain:
                 extra = {k: v for k, v in config.ctc_pretrain.items() if k not in ("mixture", "num_train")}
                 settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **extra}
                 script = "run_finetune.py"
@@ -294,22 +316,23 @@ def plan(config: StudyConfig) -> list[Step]:
             if script:
                 base_step = p.add(f"{prefix}seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / "all_results.json",
                                   settings, target, [*data_steps, base_step], len(launch["pretrain"])).id
-                base = str(target)
-            _plan_seed(p, config, launch, root, prefix, seed, base, base_step)
+                base, needs = str(target), [base_step]
+            _plan_seed(p, config, launch, root, prefix, seed, base, base_step, needs)
         _plan_seed_iou(p, config, root, prefix)
     return p.steps
 
 
-def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, out: Path, prefix: str, seed: int, base: str, base_step: Optional[str]) -> None:
-    """One seed of one study: fine-tune each upstream language from ``base``, prune them (and the
-    base), transfer every ticket to every downstream language, compare the masks."""
+def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, out: Path, prefix: str, seed: int, base: str, base_step: Optional[str],
+               needs: list[Optional[str]]) -> None:
+    """One seed of one study: fine-tune each upstream language from ``base`` (after ``needs``),
+    prune them (and the base), transfer every ticket to every downstream language, compare the masks."""
     python = [sys.executable]
     root = out / f"seed-{seed}"
     for up in config.upstream:
         target = root / "finetune" / up
         settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
         p.add(f"{prefix}seed-{seed}/finetune/{up}", "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
-              settings, target, [base_step], len(launch["finetune"]))
+              settings, target, needs, len(launch["finetune"]))
     sources = [("base", base, base_step)] if config.prune_base else []
     sources += [(up, str(root / "finetune" / up), f"{prefix}seed-{seed}/finetune/{up}") for up in config.upstream]
     for label, source, parent in sources:
