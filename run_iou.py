@@ -15,7 +15,6 @@ IoU two random masks of the same densities would have and the chance-corrected o
 """
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,9 +22,10 @@ from typing import Optional
 
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
-from utils.iou import iou_matrix, iou_tables, load_packed, random_iou
+from utils.iou import iou_matrix, iou_tables, random_iou
+from utils.masks import Mask
 from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
-from utils.runs import claim_output_dir, run_cli, write_json_atomic
+from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
 
 logger = logging.getLogger(__name__)
 PAIR_COLUMNS = ["a", "b", "iou", "random_iou", "chance_corrected", "intersection", "union", "kept_a", "kept_b", "weights"]
@@ -51,13 +51,13 @@ def parse_masks(items: list[str], base: Optional[str]) -> dict[str, str]:
 def main():
     # 1. Arguments: labelled masks, optional base, output dir (new or holding this same comparison).
     (args,) = parse_arguments("run_iou.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    setup_logging(True)
     references = parse_masks(args.masks, args.base)
     claim_output_dir(args.output_dir, {"script": "run_iou.py", "masks": references})
 
     # 2. Load every mask once as packed words (checksums verified); refuse incomparable ones.
     start = time.perf_counter()
-    masks = [load_packed(label, ref) for label, ref in references.items()]
+    masks = [Mask.load(ref, label) for label, ref in references.items()]
     overall, detail = iou_tables(masks)
     labels = [m.label for m in masks]
     logger.info("IoU of %d masks (%d pairs) in %.2f s", len(masks), len(overall), time.perf_counter() - start)

@@ -16,7 +16,6 @@ where the mask prunes, plus ``mask.safetensors`` and a model card.
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +24,8 @@ from utils.arguments import PruneArguments, parse_arguments
 from utils.errors import UsageError
 from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
-from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, check_sparsity, load_mask_metadata
-from utils.runs import run_cli
+from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, Mask, check_sparsity
+from utils.runs import run_cli, setup_logging
 from utils.tickets import PruneSpec, build_tickets, ticket_dirs
 
 logger = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def source_language(args: PruneArguments) -> Optional[str]:
 def main():
     # 1. Arguments, checked before anything is loaded or written.
     (args,) = parse_arguments("run_prune.py")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+    setup_logging(True)
     args.sparsity = sorted({check_sparsity(s) for s in args.sparsity})
     if args.prune_scope not in PRUNE_SCOPES:
         raise UsageError(f"unknown --prune_scope {args.prune_scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
@@ -72,7 +71,7 @@ def main():
     # 3. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
     for sparsity in args.sparsity:
         out = targets[sparsity]
-        info = infos.get(sparsity) or load_mask_metadata(out / MASK_FILE)
+        info = infos.get(sparsity) or Mask.read(out / MASK_FILE).metadata
         repo = ticket_repo(args, sparsity)
         if args.push_to_hub:
             logger.info("pushed %s: %s", repo, push_ticket(out, repo, token=args.hub_token, private=args.hub_private_repo))

@@ -30,7 +30,7 @@ from utils.arguments import parse_arguments
 from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.errors import MissingInput, UsageError
 from utils.languages import resolve_language
-from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, check_mask_fits, check_sparsity, load_mask_and_metadata
+from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, Mask, check_mask_fits, check_sparsity
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.structure import architecture_differences, family_of
@@ -93,7 +93,8 @@ def main():
         ticket_dir = Path(ticket_ref) if Path(ticket_ref).is_dir() else fetch_ticket(ticket_ref)
     if not (ticket_dir / MASK_FILE).is_file():
         raise MissingInput(f"ticket {ticket_ref!r} holds no {MASK_FILE}: expected a ticket written by run_prune.py")
-    mask, ticket_info = load_mask_and_metadata(ticket_dir)
+    ticket_mask = Mask.load(ticket_dir)
+    mask, ticket_info = ticket_mask.bools(), ticket_mask.metadata
     if abs(ticket_info["sparsity"] - sparsity) > 1e-9:
         raise UsageError(f"ticket {ticket_ref!r} has sparsity {ticket_info['sparsity']:.2f}, not the {sparsity:.2f} asked for")
     if model_args.model_name_or_path != ModelArguments.model_name_or_path:  # the user named the base the ticket must come from

@@ -36,31 +36,31 @@ def shapes() -> dict[str, tuple[int, int]]:
 def make_masks(folder: Path, count: int) -> list[Path]:
     import torch
 
-    from utils.masks import save_mask
+    from utils.masks import Mask
 
     paths = []
     for k in range(count):
         generator = torch.Generator().manual_seed(k)
         mask = {name: torch.rand(shape, generator=generator) >= 0.8 for name, shape in shapes().items()}
         paths.append(folder / f"mask{k}.safetensors")
-        save_mask(paths[-1], mask, {"sparsity": 0.8, "scope": "encoder_linear"})
+        Mask.save(paths[-1], mask, {"sparsity": 0.8, "scope": "encoder_linear"})
     return paths
 
 
 def worker(method: str, paths: list[str], device: str) -> dict:
     import torch  # noqa: F401  (imported before the baseline memory reading, for both methods)
 
-    from utils.iou import iou_tables, load_packed
-    from utils.masks import load_mask
+    from utils.iou import iou_tables
+    from utils.masks import Mask
 
     base = rss_bytes("VmRSS")
     reset_peak()
     start = time.perf_counter()
     if method == "packed":
-        overall, _ = iou_tables([load_packed(str(i), p) for i, p in enumerate(paths)])
+        overall, _ = iou_tables([Mask.load(p, str(i)) for i, p in enumerate(paths)])
         values = {(r["a"], r["b"]): r["iou"] for r in overall}
     else:
-        masks = [{k: v.to(device) for k, v in load_mask(p).items()} for p in paths]
+        masks = [{k: v.to(device) for k, v in Mask.load(p).bools().items()} for p in paths]
         values = {}
         for i in range(len(masks)):
             for j in range(i + 1, len(masks)):

@@ -45,8 +45,8 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-    from utils.iou import iou_tables, load_packed
-    from utils.masks import compute_masks, prunable_parameters, save_mask
+    from utils.iou import iou_tables
+    from utils.masks import Mask, compute_masks, prunable_parameters
     from utils.training import HoldMaskCallback
 
     layers = 2 if args.smoke else 24
@@ -124,14 +124,13 @@ def main() -> None:
             rng = np.random.default_rng(i)
             m = {n: torch.from_numpy(rng.random(s, dtype=np.float32) >= 0.8) for n, s in shapes.items()}
             paths.append(str(Path(tmp) / f"m{i}.safetensors"))
-            save_mask(paths[-1], m, {"sparsity": 0.8, "scope": "encoder_linear"}, compress=False)
+            Mask.save(paths[-1], m, {"sparsity": 0.8, "scope": "encoder_linear"}, compress=False)
         start = time.perf_counter()
-        overall, _ = iou_tables([load_packed(f"m{i}", p) for i, p in enumerate(paths)])
+        overall, _ = iou_tables([Mask.load(p, f"m{i}") for i, p in enumerate(paths)])
         out["iou_10x10_ours_s"] = round(time.perf_counter() - start, 2)
-        from utils.masks import load_mask
 
         start = time.perf_counter()
-        bools = [{n: t.to(args.device) for n, t in load_mask(p).items()} for p in paths]
+        bools = [{n: t.to(args.device) for n, t in Mask.load(p).bools().items()} for p in paths]
         values = []
         for i in range(10):
             for j in range(i + 1, 10):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_in_process
 from utils.errors import UsageError
-from utils.masks import check_mask_fits, compute_masks, load_mask, load_mask_metadata, prunable_parameters
+from utils.masks import Mask, check_mask_fits, compute_masks, prunable_parameters
 from utils.structure import FAMILIES, check_feature_extractor, family_of, frames_for_samples, receptive_field
 
 TINY = {"wav2vec2": "tiny-wav2vec2", "hubert": "tiny-hubert", "wavlm": "tiny-wavlm", "data2vec-audio": "tiny-data2vec-audio",
@@ -127,8 +127,8 @@ def test_finetune_prune_transfer_iou_end_to_end(model_type, corpus_dir, tmp_path
                                               "--train_epochs", "1", "--save_total_limit", "3", *TRAIN]) == 0
 
     # The mask is held, the encoder trained after the frozen epoch, the feature encoder never.
-    mask, start, final = load_mask(ticket), load_file(ticket / "model.safetensors"), load_file(out / "model.safetensors")
-    assert load_mask_metadata(ticket)["model_type"] == model_type
+    mask, start, final = Mask.load(ticket).bools(), load_file(ticket / "model.safetensors"), load_file(out / "model.safetensors")
+    assert Mask.load(ticket).metadata["model_type"] == model_type
     assert len(mask) == expected_scope(T.AutoConfig.from_pretrained(config_dir))[0]
     for name, keep in mask.items():
         assert torch.all(final[name][~keep] == 0), name
@@ -141,7 +141,7 @@ def test_finetune_prune_transfer_iou_end_to_end(model_type, corpus_dir, tmp_path
 
     # IoU grouped by the family's layers and module types, against the bits computed here.
     assert run_in_process("run_iou.py", ["--masks", f"en={ticket}", f"random={random}", "--output_dir", str(tmp_path / "iou")]) == 0
-    other = load_mask(random)
+    other = Mask.load(random).bools()
     rows = list(csv.DictReader(open(tmp_path / "iou" / "iou_layers.csv")))
     assert {r["group"] for r in rows if r["group_kind"] == "module"} == set(family.modules.values())
     assert {r["group"] for r in rows if r["group_kind"] == "layer"} == {str(i) for i in range(T.AutoConfig.from_pretrained(config_dir).num_hidden_layers)}

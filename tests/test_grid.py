@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import ROOT, grid, result_row, study_config, write_study
 from utils.grid import load_config, plan
-from utils.masks import load_mask
+from utils.masks import Mask
 from utils.metrics import read_predictions
 from utils.report import cer_table, paired_table, write_report
 from utils.stats import Rates, paired_difference_interval, rate_interval
@@ -141,7 +141,7 @@ def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_stu
     # The seed-to-seed IoU: the en tickets of seeds 0 and 1, against a numpy reference on the masks.
     seeds_iou = json.loads((study / "iou-seeds" / "sparsity-0.80" / "iou.json").read_text())
     pair = next(r for r in seeds_iou["pairs"] if {r["a"], r["b"]} == {"en@0", "en@1"})
-    a, b = (load_mask(study / f"seed-{s}" / "tickets" / "en" / "sparsity-0.80") for s in (0, 1))
+    a, b = (Mask.load(study / f"seed-{s}" / "tickets" / "en" / "sparsity-0.80").bools() for s in (0, 1))
     inter = sum(int((a[n] & b[n]).sum()) for n in a)
     union = sum(int((a[n] | b[n]).sum()) for n in a)
     assert pair["iou"] == pytest.approx(inter / union, abs=1e-12)

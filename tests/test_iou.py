@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from utils.iou import iou_tables, load_packed, random_iou
-from utils.masks import save_mask
+from utils.iou import iou_tables, random_iou
+from utils.masks import Mask
 from utils.structure import group_of
 
 SHAPES = {  # two "layers", odd sizes so tensors do not fill whole 64-bit words
@@ -28,7 +28,7 @@ def random_mask(seed: int, density: float, shapes=SHAPES) -> dict[str, np.ndarra
 
 
 def save(path, mask, sparsity=0.8, scope="encoder_linear"):
-    save_mask(path, {k: torch.from_numpy(v) for k, v in mask.items()}, {"sparsity": sparsity, "scope": scope})
+    Mask.save(path, {k: torch.from_numpy(v) for k, v in mask.items()}, {"sparsity": sparsity, "scope": scope})
     return str(path)
 
 
@@ -41,7 +41,7 @@ def reference_iou(a: dict, b: dict, names=None) -> float:
 
 def test_pairs_layers_and_modules_match_bool_reference(tmp_path):
     masks = {label: random_mask(seed, d) for label, seed, d in (("en", 1, 0.2), ("de", 2, 0.2), ("base", 3, 0.35))}
-    packed = [load_packed(label, save(tmp_path / f"{label}.safetensors", m)) for label, m in masks.items()]
+    packed = [Mask.load(save(tmp_path / f"{label}.safetensors", m), label) for label, m in masks.items()]
     overall, detail = iou_tables(packed)
     assert len(overall) == 3
     for row in overall:
@@ -69,7 +69,7 @@ def test_hand_built_masks(tmp_path):
     name = next(iter(shapes))
     a[name][:4] = True  # rows 0-3: 32 weights
     b[name][2:6] = True  # rows 2-5: 32 weights, rows 2-3 shared (16)
-    packed = [load_packed("a", save(tmp_path / "a.safetensors", a, 0.5)), load_packed("b", save(tmp_path / "b.safetensors", b, 0.5))]
+    packed = [Mask.load(save(tmp_path / "a.safetensors", a, 0.5), "a"), Mask.load(save(tmp_path / "b.safetensors", b, 0.5), "b")]
     (row,), _ = iou_tables(packed)
     assert (row["intersection"], row["union"], row["iou"]) == (16, 48, 16 / 48)
     assert row["random_iou"] == pytest.approx(0.5 / (2 - 0.5))  # d / (2 - d) for equal densities
@@ -84,7 +84,7 @@ def test_random_baseline_formula():
 
 
 def test_incomparable_masks_are_refused(tmp_path):
-    en = load_packed("en", save(tmp_path / "en.safetensors", random_mask(1, 0.2)))
+    en = Mask.load(save(tmp_path / "en.safetensors", random_mask(1, 0.2)), "en")
     other_shapes = dict(SHAPES, **{"wav2vec2.encoder.layers.1.attention.q_proj.weight": (29, 37)})
     cases = [
         (save(tmp_path / "shape.safetensors", random_mask(2, 0.2, other_shapes)), "cover different tensors or shapes"),
@@ -93,7 +93,7 @@ def test_incomparable_masks_are_refused(tmp_path):
     ]
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
-            iou_tables([en, load_packed("x", path)])
+            iou_tables([en, Mask.load(path, "x")])
 
 
 def test_run_iou_writes_tables_and_pictures(tmp_path):

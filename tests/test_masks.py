@@ -11,18 +11,17 @@ from transformers import AutoConfig, Wav2Vec2ForCTC
 
 from tests.conftest import TINY_CONFIG
 from utils.masks import (
+    Mask,
     apply_mask,
     check_sparsity,
     compute_masks,
     find_thresholds,
     masks_from_threshold,
     prunable_parameters,
-    read_mask_file,
-    save_mask,
+    resolve_mask,
     score_fn,
     sparsity_of,
 )
-from utils.masks import load_mask, resolve_mask
 
 
 def tiny_model(seed: int = 0) -> Wav2Vec2ForCTC:
@@ -159,12 +158,14 @@ def test_apply_mask_zeros_exactly_and_checks_fit():
 def test_mask_file_round_trip_is_bit_exact(tmp_path, compress):
     params = prunable_parameters(tiny_model())
     mask = compute_masks(params, [0.9])[0.9]
-    meta = save_mask(tmp_path / "m.safetensors", mask, {"sparsity": 0.9, "language": "en"}, compress=compress)
-    loaded = load_mask(tmp_path / "m.safetensors")
+    meta = Mask.save(tmp_path / "m.safetensors", mask, {"sparsity": 0.9, "language": "en"}, compress=compress)
+    loaded = Mask.load(tmp_path / "m.safetensors").bools()
     assert list(loaded) == sorted(mask)  # every tensor back, in name order (the file's)
     assert all(torch.equal(loaded[k], mask[k]) and loaded[k].dtype == torch.bool for k in mask)
-    packed, metadata = read_mask_file(tmp_path / "m.safetensors")
-    assert metadata == meta
+    read = Mask.load(tmp_path / "m.safetensors", "m")
+    packed, metadata = {name: read.packed(name) for name in read.slices}, read.metadata
+    assert metadata == meta and read.label == "m" and read.density == metadata["kept_total"] / metadata["total"]
+    assert all(np.array_equal(packed[k], np.packbits(mask[k].numpy().reshape(-1), bitorder="little")) for k in mask)  # the packed view, by numpy
     assert metadata["kept_total"] == sum(int(m.sum()) for m in mask.values())
     assert metadata["kept"][next(iter(mask))] == int(mask[next(iter(mask))].sum())
     assert set(metadata["encodings"].values()) == ({"zstd"} if compress else {"packbits"})
@@ -177,17 +178,17 @@ def test_mask_file_round_trip_is_bit_exact(tmp_path, compress):
 def test_corrupted_truncated_and_foreign_files_are_refused(tmp_path):
     mask = compute_masks(prunable_parameters(tiny_model()), [0.8], )[0.8]
     path = tmp_path / "m.safetensors"
-    save_mask(path, mask, {"sparsity": 0.8}, compress=False)
+    Mask.save(path, mask, {"sparsity": 0.8}, compress=False)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # flip bits inside the last tensor
     (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="fails its checksum"):
-        load_mask(tmp_path / "flipped.safetensors")
+        Mask.load(tmp_path / "flipped.safetensors").bools()
     (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable mask file"):
-        load_mask(tmp_path / "short.safetensors")
+        Mask.load(tmp_path / "short.safetensors").bools()
     save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(ValueError, match="not a mask of ours"):
-        load_mask(tmp_path / "weights.safetensors")
+        Mask.load(tmp_path / "weights.safetensors").bools()
     with pytest.raises(FileNotFoundError, match="holds no mask.safetensors"):
         resolve_mask(tmp_path)

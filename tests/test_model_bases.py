@@ -6,7 +6,7 @@ import json
 import re
 
 from tests.conftest import ROOT, grid, write_study
-from utils.masks import load_mask_metadata
+from utils.masks import Mask
 
 MODELS = {"xlsr": {"model": str(ROOT / "configs" / "tiny-wav2vec2")}, "w2vbert": {"model": str(ROOT / "configs" / "tiny-w2v-bert")}}
 
@@ -29,7 +29,7 @@ def test_bases_of_two_families_compared_in_one_study(corpus_dir, tmp_path):
         root = study / f"base-{name}" / "seed-0"
         assert json.loads((root / "base-model" / "config.json").read_text())["model_type"] == model_type
         for label in ("en", "de", "base"):
-            assert load_mask_metadata(root / "tickets" / label / "sparsity-0.80")["model_type"] == model_type
+            assert Mask.load(root / "tickets" / label / "sparsity-0.80").metadata["model_type"] == model_type
         for up in ("en", "de"):
             cer[(name, up)] = json.loads((root / "transfer" / f"{up}-ca" / "sparsity-0.80" / "results.json").read_text())["test_cer"]
     report = (study / "REPORT.md").read_text()

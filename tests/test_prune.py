@@ -14,7 +14,7 @@ from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, W
 from tests.conftest import ROOT, TINY_CONFIG
 from tests.hub_server import TOKEN, HubServer
 from utils.masks import parse_reference
-from utils.masks import load_mask, load_mask_metadata, prunable_parameters
+from utils.masks import Mask, prunable_parameters
 
 
 def run_prune(args, env=None):
@@ -56,7 +56,7 @@ def test_tickets_load_with_plain_transformers(source, tmp_path):
         assert loaded.returncode == 0, loaded.stderr[-2000:]
         assert json.loads(loaded.stdout.strip().splitlines()[-1])["ours"] == []
         state = torch.load(tmp_path / "sd.pt")
-        mask = load_mask(ticket)  # read independently of the weights
+        mask = Mask.load(ticket).bools()  # read independently of the weights
         params = prunable_parameters(original)
         assert set(mask) == set(params)
         for name, p in params.items():
@@ -70,7 +70,7 @@ def test_tickets_load_with_plain_transformers(source, tmp_path):
         card = ModelCard.load(ticket / "README.md")
         assert card.data.sparsity == s and card.data.prune_scope == "encoder_linear" and card.data.prune_method == "magnitude"
         assert card.data.language == ["en"] and {"pruned", "lottery-ticket", "ctc"} <= set(card.data.tags)
-        meta = load_mask_metadata(ticket / "mask.safetensors")
+        meta = Mask.load(ticket / "mask.safetensors").metadata
         assert meta["source_model"] == str(source) and meta["language"] == "en" and meta["sparsity"] == s
 
 
@@ -82,7 +82,7 @@ def test_base_model_control_and_rerun(tmp_path):
     out = tmp_path / "ticket"
     args = ["--model_name_or_path", str(base), "--language", "base", "--sparsity", "0.8", "--output_dir", str(out)]
     assert run_prune(args).returncode == 0
-    mask = load_mask(out)
+    mask = Mask.load(out).bools()
     assert next(iter(mask)).startswith("wav2vec2.encoder.layers.")  # same names as fine-tuned tickets
     digest = hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest()
     again = run_prune(args)
@@ -132,11 +132,11 @@ LOAD_FROM_HUB = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from transformers import AutoModelForCTC
-from utils.masks import load_mask
+from utils.masks import Mask
 model = AutoModelForCTC.from_pretrained("me/tiny-en-ticket")
-a = load_mask("me/tiny-en-ticket")
-b = load_mask("me/xlsr-masks:masks/en/sparsity-0.80.safetensors")
-c = load_mask("hf://datasets/me/xlsr-masks/masks/en/sparsity-0.80.safetensors")
+a = Mask.load("me/tiny-en-ticket").bools()
+b = Mask.load("me/xlsr-masks:masks/en/sparsity-0.80.safetensors").bools()
+c = Mask.load("hf://datasets/me/xlsr-masks/masks/en/sparsity-0.80.safetensors").bools()
 params = dict(model.named_parameters())
 print(json.dumps({
     "same": all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a),
@@ -168,7 +168,7 @@ def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
         assert lines[0].split(",")[:4] == ["file", "language", "sparsity", "method"]
         assert len(lines) == 2
         row = dict(zip(lines[0].split(","), lines[1].split(",")))
-        meta = load_mask_metadata(out)
+        meta = Mask.load(out).metadata
         assert row["sha256"] == hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest()
         assert (row["language"], row["sparsity"], row["ticket_repo"], int(row["kept"])) == ("en", "0.80", "me/tiny-en-ticket", meta["kept_total"])
         assert "configs:" in mask_repo.files["README.md"].decode() and "index.csv" in mask_repo.files["README.md"].decode()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, TINY_CONFIG
-from utils.masks import load_mask
+from utils.masks import Mask
 from utils.metrics import read_predictions
 
 TRAIN = ["--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--adam_beta2", "0.98", "--warmup_steps", "5",
@@ -50,7 +50,7 @@ def test_cross_language_freezes_first_epoch_and_holds_mask(tickets, corpus_dir, 
                                      "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(out), "--freeze_epochs", "1", "--train_epochs", "1",
                                      "--gradient_accumulation_steps", "2", "--bf16", "--save_total_limit", "5", *TRAIN])
     assert result.returncode == 0, result.stderr[-3000:]
-    mask = load_mask(ticket)  # read independently of the training run
+    mask = Mask.load(ticket).bools()  # read independently of the training run
     start = load_file(ticket / "model.safetensors")
     epoch1, epoch2 = checkpoints(out)
     after1, after2 = load_file(epoch1 / "model.safetensors"), load_file(epoch2 / "model.safetensors")
@@ -148,7 +148,7 @@ def test_two_processes_agree_and_hold_the_mask(tickets, corpus_dir, tmp_path):
     rows = read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"], expect_count=results["test_samples"])
     assert [r.id for r in rows] == [f"{i:06d}.wav" for i in range(24)]
     final = load_file(out / "model.safetensors")
-    assert all(torch.all(final[n][~k] == 0) for n, k in load_mask(tickets / "tickets" / "en" / "sparsity-0.80").items())
+    assert all(torch.all(final[n][~k] == 0) for n, k in Mask.load(tickets / "tickets" / "en" / "sparsity-0.80").bools().items())
 
 
 def test_resume_after_kill(tickets, corpus_dir, tmp_path):
@@ -171,7 +171,7 @@ def test_resume_after_kill(tickets, corpus_dir, tmp_path):
     assert resumed and resumed.group(1) == "0" and 20 <= int(resumed.group(2)) < 30, resumed
     results = json.loads((out / "results.json").read_text())
     assert results["mask_held"] is True and results["steps"] == 90 and results["frozen_in_epochs"][0] == 1
-    mask = load_mask(tickets / "tickets" / "en" / "sparsity-0.80")
+    mask = Mask.load(tickets / "tickets" / "en" / "sparsity-0.80").bools()
     start = load_file(tickets / "tickets" / "en" / "sparsity-0.80" / "model.safetensors")
     at30 = load_file(out / "checkpoint-30" / "model.safetensors")  # end of the frozen epoch, reached after resuming
     assert all(torch.equal(at30[k], start[k]) for k in start if k.startswith("wav2vec2."))

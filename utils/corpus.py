@@ -36,7 +36,7 @@ import soundfile as sf
 
 from .errors import MissingInput, OutputConflict, UsageError
 from .languages import resolve_language
-from .runs import replace_dir_atomic, write_json_atomic
+from .runs import replace_dir_atomic, setup_logging, write_json_atomic
 from .text import SAMPLING_RATE, normalize_text
 
 logger = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(True)
     for code, path in generate_corpus(args.output_dir, args.languages, args.num_train, args.num_eval, args.vocab_size, args.seed).items():
         print(f"{code}: {path}")
     if args.mix:

@@ -64,8 +64,8 @@ model = AutoModelForCTC.from_pretrained("<this repo>")
 `mask.safetensors` holds the mask (1 bit per weight; see the language-tickets README for the format):
 
 ```python
-from utils.masks import load_mask   # from the language-tickets repository
-mask = load_mask("<this repo>")     # {{parameter name: BoolTensor}}, True = kept
+from utils.masks import Mask                # from the language-tickets repository
+mask = Mask.load("<this repo>").bools()     # {{parameter name: BoolTensor}}, True = kept
 ```
 
 Made with `run_prune.py` of language-tickets, reproducing Storey, Harte & Bell (2025),
@@ -91,8 +91,8 @@ it): language, sparsity, method, scope, source model and revision, ticket repo, 
 kept count.
 
 ```python
-from utils.masks import load_mask
-mask = load_mask("{repo_id}:masks/en/sparsity-0.80.safetensors")  # True = kept
+from utils.masks import Mask
+mask = Mask.load("{repo_id}:masks/en/sparsity-0.80.safetensors").bools()  # True = kept
 ```
 
 Each file is a safetensors file of bit-packed masks, one tensor per pruned parameter named after its

@@ -11,42 +11,17 @@ Random baseline: two independent random masks of densities ``a`` and ``b`` have 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import combinations
 from typing import Optional
 
 import numpy as np
 
 from .errors import UsageError
-from .masks import read_mask_words, resolve_mask
+from .masks import Mask
 from .structure import group_of
 
-@dataclass
-class PackedMask:
-    """A mask as one word-aligned bit buffer: ``words[slices[name]]`` are tensor ``name``'s bits."""
 
-    label: str
-    words: np.ndarray  # uint64
-    slices: dict[str, slice]
-    kept: dict[str, int]
-    sizes: dict[str, int]
-    metadata: dict
-
-    @property
-    def density(self) -> float:
-        return sum(self.kept.values()) / sum(self.sizes.values())
-
-
-def load_packed(label: str, reference: str) -> PackedMask:
-    """Read a mask (path, ticket dir or Hub reference) into one word-aligned buffer, verifying it."""
-    mask = read_mask_words(resolve_mask(reference))
-    shapes = mask.metadata["shapes"]
-    sizes = {name: int(np.prod(shapes[name])) for name in mask.slices}
-    kept = {name: int(mask.metadata["kept"][name]) for name in mask.slices}
-    return PackedMask(label, mask.words, mask.slices, kept, sizes, mask.metadata)
-
-
-def check_comparable(masks: list[PackedMask]) -> None:
+def check_comparable(masks: list[Mask]) -> None:
     """Masks of other shapes, scopes or sparsities cannot be compared: one clear error."""
     first = masks[0]
     for other in masks[1:]:
@@ -65,7 +40,7 @@ def check_comparable(masks: list[PackedMask]) -> None:
                 )
 
 
-def intersections(a: PackedMask, b: PackedMask, scratch: Optional[np.ndarray] = None) -> dict[str, int]:
+def intersections(a: Mask, b: Mask, scratch: Optional[np.ndarray] = None) -> dict[str, int]:
     """``|A ∩ B|`` per tensor: one AND and one popcount over the whole buffer (into ``scratch``,
     reused across pairs), then a sum per tensor slice."""
     if scratch is None or scratch.shape != a.words.shape:
@@ -88,7 +63,7 @@ def chance_corrected(iou: float, random: float) -> float:
     return (iou - random) / (1 - random) if random < 1 else float("nan")
 
 
-def pair_rows(a: PackedMask, b: PackedMask, scratch: Optional[np.ndarray] = None) -> tuple[dict, list[dict]]:
+def pair_rows(a: Mask, b: Mask, scratch: Optional[np.ndarray] = None) -> tuple[dict, list[dict]]:
     """The overall row and the per-layer / per-module rows of one pair."""
     inter = intersections(a, b, scratch)
     groups: dict[tuple[str, str], list[str]] = {}
@@ -120,7 +95,7 @@ def pair_rows(a: PackedMask, b: PackedMask, scratch: Optional[np.ndarray] = None
     return overall, detail
 
 
-def iou_tables(masks: list[PackedMask]) -> tuple[list[dict], list[dict]]:
+def iou_tables(masks: list[Mask]) -> tuple[list[dict], list[dict]]:
     """Every unordered pair's overall row and per-group rows."""
     check_comparable(masks)
     overall, detail = [], []

@@ -30,6 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -250,107 +251,138 @@ def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").astype(bool)).reshape(shape)
 
 
-def save_mask(path: Union[str, os.PathLike], mask: dict[str, torch.Tensor], info: dict, compress: bool = True) -> dict:
-    """Write ``mask`` (True = kept) with ``info`` (sparsity, scope, method, ...) to ``path``,
-    atomically. Returns the metadata written."""
-    import zstandard
-
-    packed = {name: pack(keep) for name, keep in mask.items()}
-    digest = hashlib.sha256()
-    for name in sorted(packed):
-        digest.update(packed[name].tobytes())
-    tensors, encodings = {}, {}
-    for name, bits in packed.items():
-        squeezed = np.frombuffer(zstandard.ZstdCompressor(level=3).compress(bits.tobytes()), dtype=np.uint8) if compress else bits
-        use_zstd = compress and squeezed.nbytes <= 0.9 * bits.nbytes
-        tensors[name] = squeezed if use_zstd else bits
-        encodings[name] = "zstd" if use_zstd else "packbits"
-    kept = {name: int(keep.sum()) for name, keep in mask.items()}
-    total = sum(k.numel() for k in mask.values())
-    metadata = {
-        "format": MASK_FORMAT,
-        "format_version": MASK_FORMAT_VERSION,
-        "shapes": {name: list(keep.shape) for name, keep in mask.items()},
-        "kept": kept,
-        "encodings": encodings,
-        "bit_order": "little",
-        "total": total,
-        "kept_total": sum(kept.values()),
-        "actual_sparsity": 1.0 - sum(kept.values()) / total,
-        "tie_rule": TIE_RULE,
-        "sha256": digest.hexdigest(),
-        **info,
-    }
-    with atomic_open(path, "wb") as f:
-        f.write(save(tensors, metadata={"mask": json.dumps(metadata, sort_keys=True)}))
-    return metadata
-
-
 @dataclass
-class MaskWords:
-    """A mask file's bits in one ``uint64`` buffer, each tensor starting on a word boundary
-    (zero bits pad the gaps): the layout popcount-based IoU works on without copies."""
+class Mask:
+    """A ticket's mask as one type: the bits of every tensor in one ``uint64`` buffer, each tensor
+    starting on a word boundary (zero bits pad the gaps; the layout popcount-based IoU works on
+    without copies), and the file's metadata. ``Mask.load`` reads any reference (path, ticket
+    directory, Hub repo or file) and verifies it; ``bools`` and ``packed`` are its two views;
+    ``Mask.save`` writes the file format above. No pickle.
+
+        mask = Mask.load("tickets/en/sparsity-0.80").bools()   # {parameter name: BoolTensor}, True = kept
+    """
 
     words: np.ndarray
     slices: dict[str, slice]  # word range of each tensor, names in sorted order
-    nbytes: dict[str, int]  # packed bytes of each tensor
     metadata: dict
+    label: str = ""  # what reports call it (IoU tables)
+
+    @staticmethod
+    def save(path: Union[str, os.PathLike], mask: dict[str, torch.Tensor], info: dict, compress: bool = True) -> dict:
+        """Write ``mask`` (True = kept) with ``info`` (sparsity, scope, method, ...) to ``path``,
+        atomically. Returns the metadata written."""
+        import zstandard
+
+        packed = {name: pack(keep) for name, keep in mask.items()}
+        digest = hashlib.sha256()
+        for name in sorted(packed):
+            digest.update(packed[name].tobytes())
+        tensors, encodings = {}, {}
+        for name, bits in packed.items():
+            squeezed = np.frombuffer(zstandard.ZstdCompressor(level=3).compress(bits.tobytes()), dtype=np.uint8) if compress else bits
+            use_zstd = compress and squeezed.nbytes <= 0.9 * bits.nbytes
+            tensors[name] = squeezed if use_zstd else bits
+            encodings[name] = "zstd" if use_zstd else "packbits"
+        kept = {name: int(keep.sum()) for name, keep in mask.items()}
+        total = sum(k.numel() for k in mask.values())
+        metadata = {
+            "format": MASK_FORMAT,
+            "format_version": MASK_FORMAT_VERSION,
+            "shapes": {name: list(keep.shape) for name, keep in mask.items()},
+            "kept": kept,
+            "encodings": encodings,
+            "bit_order": "little",
+            "total": total,
+            "kept_total": sum(kept.values()),
+            "actual_sparsity": 1.0 - sum(kept.values()) / total,
+            "tie_rule": TIE_RULE,
+            "sha256": digest.hexdigest(),
+            **info,
+        }
+        with atomic_open(path, "wb") as f:
+            f.write(save(tensors, metadata={"mask": json.dumps(metadata, sort_keys=True)}))
+        return metadata
+
+    @classmethod
+    def load(cls, reference: Union[str, os.PathLike], label: str = "") -> "Mask":
+        """Read and verify the mask a reference names (see ``resolve_mask``)."""
+        return cls.read(resolve_mask(reference), label)
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(self.metadata["shapes"][name]) for name in self.slices}
+
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        return {name: math.prod(shape) for name, shape in self.shapes.items()}
+
+    @cached_property
+    def kept(self) -> dict[str, int]:
+        return {name: int(self.metadata["kept"][name]) for name in self.slices}
+
+    @property
+    def density(self) -> float:
+        return sum(self.kept.values()) / sum(self.sizes.values())
 
     def packed(self, name: str) -> np.ndarray:
+        """Tensor ``name``'s packed bits (a ``uint8`` view into the buffer)."""
         start = self.slices[name].start * 8
-        return self.words.view(np.uint8)[start : start + self.nbytes[name]]
+        return self.words.view(np.uint8)[start : start + math.ceil(self.sizes[name] / 8)]
 
+    def bools(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: BoolTensor}``, True = kept, in the file's (sorted) name order."""
+        return {name: unpack(self.packed(name), shape) for name, shape in self.shapes.items()}
 
-def read_mask_words(path: Union[str, os.PathLike]) -> MaskWords:
-    """Read and verify a mask file (format, sizes, checksum) into one word-aligned buffer,
-    decompressing straight into it. No pickle."""
-    import zstandard
+    @classmethod
+    def read(cls, path: Union[str, os.PathLike], label: str = "") -> "Mask":
+        """Read and verify a mask file (format, sizes, checksum), decompressing straight into the buffer."""
+        import zstandard
 
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-            if "mask" not in header:
-                raise UsageError(f"{path} is a safetensors file but not a mask of ours (no 'mask' metadata)")
-            metadata = json.loads(header["mask"])
-            stored = {name: f.get_tensor(name) for name in f.keys()}
-    except UsageError:
-        raise
-    except Exception as err:  # safetensors raises several types for truncated or garbled files
-        raise UsageError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
-    if metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
-        raise UsageError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
-    names = sorted(metadata["shapes"])
-    nbytes = {name: math.ceil(math.prod(metadata["shapes"][name]) / 8) for name in names}
-    slices, total = {}, 0
-    for name in names:
-        slices[name] = slice(total, total + -(-nbytes[name] // 8))
-        total = slices[name].stop
-    words = np.zeros(total, dtype=np.uint64)
-    raw = words.view(np.uint8)
-    digest = hashlib.sha256()
-    for name in names:
-        if name not in stored:
-            raise UsageError(f"{path} lacks tensor {name!r} listed in its metadata: the file is corrupted")
-        target = raw[slices[name].start * 8 : slices[name].start * 8 + nbytes[name]]
-        data = stored[name]
         try:
-            if metadata["encodings"][name] == "zstd":
-                with zstandard.ZstdDecompressor().stream_reader(memoryview(data)) as reader:
-                    filled = reader.readinto(memoryview(target))
-                    while filled < nbytes[name] and (more := reader.readinto(memoryview(target)[filled:])):
-                        filled += more
-                    overflow = bool(reader.read(1))
-            else:
-                filled, overflow = data.size, data.size > nbytes[name]
-                target[: min(data.size, nbytes[name])] = data[: nbytes[name]]
-        except zstandard.ZstdError as err:
-            raise UsageError(f"{path}: tensor {name!r} does not decompress ({err}): the file is corrupted") from err
-        if filled != nbytes[name] or overflow:
-            raise UsageError(f"{path}: tensor {name!r} holds the wrong number of bytes, expected {nbytes[name]}: the file is corrupted")
-        digest.update(target)
-    if digest.hexdigest() != metadata["sha256"]:
-        raise UsageError(f"{path} fails its checksum (sha256 {digest.hexdigest()[:12]}..., expected {metadata['sha256'][:12]}...): the file is corrupted")
-    return MaskWords(words, slices, nbytes, metadata)
+            with safe_open(str(path), framework="numpy") as f:
+                header = f.metadata() or {}
+                if "mask" not in header:
+                    raise UsageError(f"{path} is a safetensors file but not a mask of ours (no 'mask' metadata)")
+                metadata = json.loads(header["mask"])
+                stored = {name: f.get_tensor(name) for name in f.keys()}
+        except UsageError:
+            raise
+        except Exception as err:  # safetensors raises several types for truncated or garbled files
+            raise UsageError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
+        if metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
+            raise UsageError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
+        names = sorted(metadata["shapes"])
+        nbytes = {name: math.ceil(math.prod(metadata["shapes"][name]) / 8) for name in names}
+        slices, total = {}, 0
+        for name in names:
+            slices[name] = slice(total, total + -(-nbytes[name] // 8))
+            total = slices[name].stop
+        words = np.zeros(total, dtype=np.uint64)
+        raw = words.view(np.uint8)
+        digest = hashlib.sha256()
+        for name in names:
+            if name not in stored:
+                raise UsageError(f"{path} lacks tensor {name!r} listed in its metadata: the file is corrupted")
+            target = raw[slices[name].start * 8 : slices[name].start * 8 + nbytes[name]]
+            data = stored[name]
+            try:
+                if metadata["encodings"][name] == "zstd":
+                    with zstandard.ZstdDecompressor().stream_reader(memoryview(data)) as reader:
+                        filled = reader.readinto(memoryview(target))
+                        while filled < nbytes[name] and (more := reader.readinto(memoryview(target)[filled:])):
+                            filled += more
+                        overflow = bool(reader.read(1))
+                else:
+                    filled, overflow = data.size, data.size > nbytes[name]
+                    target[: min(data.size, nbytes[name])] = data[: nbytes[name]]
+            except zstandard.ZstdError as err:
+                raise UsageError(f"{path}: tensor {name!r} does not decompress ({err}): the file is corrupted") from err
+            if filled != nbytes[name] or overflow:
+                raise UsageError(f"{path}: tensor {name!r} holds the wrong number of bytes, expected {nbytes[name]}: the file is corrupted")
+            digest.update(target)
+        if digest.hexdigest() != metadata["sha256"]:
+            raise UsageError(f"{path} fails its checksum (sha256 {digest.hexdigest()[:12]}..., expected {metadata['sha256'][:12]}...): the file is corrupted")
+        return cls(words, slices, metadata, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,26 +442,3 @@ def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
         raise explain_hub_error(err, repo_id, f"download {path} from") from err
     except Exception as err:  # offline / no such local path / network: all mean "not found"
         raise MissingInput(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err
-
-
-def read_mask_file(path: Union[str, os.PathLike]) -> tuple[dict[str, np.ndarray], dict]:
-    """Packed bits per tensor (uncompressed, views into one buffer) and the metadata, verified."""
-    mask = read_mask_words(path)
-    return {name: mask.packed(name) for name in mask.slices}, mask.metadata
-
-
-def load_mask_and_metadata(reference: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict]:
-    """The mask (``{parameter name: BoolTensor}``, True = kept) and its metadata, read once, from a
-    mask file, a ticket directory or a Hub reference (see ``resolve_mask``)."""
-    packed, metadata = read_mask_file(resolve_mask(reference))
-    return {name: unpack(bits, tuple(metadata["shapes"][name])) for name, bits in packed.items()}, metadata
-
-
-def load_mask(reference: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """``{parameter name: BoolTensor}`` (True = kept) from a mask file, a ticket directory or a Hub
-    reference (see ``resolve_mask``)."""
-    return load_mask_and_metadata(reference)[0]
-
-
-def load_mask_metadata(reference: Union[str, os.PathLike]) -> dict:
-    return read_mask_file(resolve_mask(reference))[1]

@@ -22,7 +22,7 @@ from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor, s
 
 from .errors import MissingInput
 from .hub import write_ticket_card
-from .masks import MASK_FILE, apply_mask, compute_masks, prunable_parameters, save_mask
+from .masks import MASK_FILE, apply_mask, compute_masks, Mask, prunable_parameters
 from .runs import claim_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def build_tickets(
             "source_revision": getattr(model.config, "_commit_hash", None),
             "model_type": model.config.model_type,
         }
-        infos[sparsity] = save_mask(tmp / MASK_FILE, masks[sparsity], info, compress=compress)
+        infos[sparsity] = Mask.save(tmp / MASK_FILE, masks[sparsity], info, compress=compress)
         write_ticket_card(tmp, infos[sparsity])
         write_json_atomic(tmp / "run_signature.json", ticket_signature(source, revision, spec, sparsity))
         if out.exists():  # the same ticket, interrupted before its mask was written

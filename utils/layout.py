@@ -1,0 +1,76 @@
+"""Where the outputs of runs and studies live: the one place a folder or file name of the layout is
+spelled. Scripts write, and the grid and reports read, through these names.
+
+    <tickets_dir>/<upstream|base>/sparsity-0.80/           a ticket (run_prune.py): model, mask.safetensors, card
+    <output_dir>/results.json                              run_transfer.py's TransferResult
+    <output_dir>/iou.json                                  run_iou.py's IoUSummary
+
+A study (``run_grid.py``) under its output directory, per base ``base-<name>/`` when it has several:
+
+    seed-<seed>/base-model/                                seeded random initialisation of a config-only model
+    seed-<seed>/pretrain/                                  the base (run_pretrain.py, or the CTC stand-in)
+    seed-<seed>/finetune/<upstream>/                       upstream model (run_finetune.py)
+    seed-<seed>/tickets/<upstream|base>/sparsity-0.80/     tickets
+    seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/
+    seed-<seed>/iou/sparsity-0.80/
+    iou-seeds/sparsity-0.80/                               every ticket of every seed (two seeds or more)
+    steps/, logs/                                          each step's record and log
+    REPORT.md, results.csv, figures/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+IOU_FILE = "iou.json"
+TRAINER_RESULTS_FILE = "all_results.json"  # what the Trainer's save_metrics leaves when a training run is over
+
+
+def sparsity_dirname(sparsity: float) -> str:
+    """``sparsity-0.80``: the folder (and Hub name part) of one sparsity."""
+    return f"sparsity-{sparsity:.2f}"
+
+
+def ticket_dir(tickets_dir: str | Path, label: str, sparsity: float) -> Path:
+    """A language's (or the base's) ticket at one sparsity under a tickets folder."""
+    return Path(tickets_dir) / label / sparsity_dirname(sparsity)
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """The folders of one study (one base's, with several bases) under ``root``."""
+
+    root: Path
+
+    def seed(self, seed: int) -> Path:
+        return self.root / f"seed-{seed}"
+
+    def base_model(self, seed: int) -> Path:
+        return self.seed(seed) / "base-model"
+
+    def pretrain(self, seed: int) -> Path:
+        return self.seed(seed) / "pretrain"
+
+    def finetune(self, seed: int, language: str) -> Path:
+        return self.seed(seed) / "finetune" / language
+
+    def tickets(self, seed: int) -> Path:
+        return self.seed(seed) / "tickets"
+
+    def ticket(self, seed: int, label: str, sparsity: float) -> Path:
+        return ticket_dir(self.tickets(seed), label, sparsity)
+
+    def transfer(self, seed: int, upstream: str, downstream: str, sparsity: float) -> Path:
+        return self.seed(seed) / "transfer" / f"{upstream}-{downstream}" / sparsity_dirname(sparsity)
+
+    def iou(self, seed: int, sparsity: float) -> Path:
+        return self.seed(seed) / "iou" / sparsity_dirname(sparsity)
+
+    def seeds_iou(self, sparsity: float) -> Path:
+        return self.root / "iou-seeds" / sparsity_dirname(sparsity)
+
+    def step_id(self, path: Path, prefix: str = "") -> str:
+        """A step's id: its output folder relative to the study (prefixed by its base)."""
+        return prefix + path.relative_to(self.root).as_posix()
