@@ -21,7 +21,6 @@ names it and stops before any work until --rerun_stale re-runs it and everything
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -34,6 +33,7 @@ from utils.data import DataArguments
 from utils.errors import UsageError
 from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
 from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
+from utils.records import TransferResult
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 from utils.runs import run_cli
 
@@ -162,11 +162,11 @@ def main():
             print(f"{prefix} started", flush=True)
         elif event == "done":
             extra = ""
-            if "/transfer/" in job.id:
-                extra = f", test CER {100 * json.loads(Path(job.done).read_text())['test_cer']:.1f}%"
-            print(f"{prefix} done in {detail.get('seconds', 0):.1f} s{extra}", flush=True)
+            if job.record_base["kind"] == "transfer":
+                extra = f", test CER {100 * TransferResult.read(job.done).test_cer:.1f}%"
+            print(f"{prefix} done in {detail.seconds or 0:.1f} s{extra}", flush=True)
         elif event == "failed":
-            print(f"{prefix} FAILED (exit {detail.get('returncode')}; see {job.log})", flush=True)
+            print(f"{prefix} FAILED (exit {detail.returncode}; see {job.log})", flush=True)
         else:
             print(f"{prefix} not run: it needs {detail}, which failed", flush=True)
 
@@ -176,7 +176,7 @@ def main():
     failed, blocked = run_local(jobs, Path(config.output_dir) / "submitit", args.slots, gpus, progress)
     ran = len(todo) - len(blocked)
     if failed:
-        lines = [f"  {job_id}: exit {record.get('returncode')}, log {record.get('log') or step_log_path(config.output_dir, next(s for s in steps if s.id == job_id))}" for job_id, record in failed.items()]
+        lines = [f"  {job_id}: exit {record.returncode}, log {record.log or step_log_path(config.output_dir, next(s for s in steps if s.id == job_id))}" for job_id, record in failed.items()]
         raise StepFailed(f"{len(failed)} step(s) failed and {len(blocked)} step(s) that need them did not run; the others finished "
                          f"(re-run the same command to retry only these):\n" + "\n".join(lines))
 

@@ -23,9 +23,11 @@ from typing import Optional
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.iou import iou_matrix, iou_tables, random_iou
+from utils.layout import IOU_FILE
 from utils.masks import Mask
+from utils.records import IoUSummary
 from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
-from utils.runs import claim_output_dir, run_cli, setup_logging, write_json_atomic
+from utils.runs import claim_output_dir, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
 PAIR_COLUMNS = ["a", "b", "iou", "random_iou", "chance_corrected", "intersection", "union", "kept_a", "kept_b", "weights"]
@@ -68,23 +70,23 @@ def main():
     write_csv_atomic(out / "iou_layers.csv", detail, ["a", "b", "group_kind", "group"] + PAIR_COLUMNS[2:])
     density = masks[0].density
     matrix, random_matrix = iou_matrix(labels, overall), iou_matrix(labels, overall, key="random_iou")
-    summary = {
-        "labels": labels,
-        "references": references,
-        "sparsity": masks[0].metadata["sparsity"],
-        "scope": masks[0].metadata["scope"],
-        "density": density,
-        "random_baseline": random_iou(density, density),
-        "matrix": matrix,
-        "random_matrix": random_matrix,
-        "vs_base": {r["a"]: r["iou"] for r in overall if r["b"] == "base"},
-        "pairs": overall,
-        "layers": detail,
-    }
-    write_json_atomic(out / "iou.json", summary)
+    summary = IoUSummary(
+        labels=labels,
+        references=references,
+        sparsity=masks[0].metadata["sparsity"],
+        scope=masks[0].metadata["scope"],
+        density=density,
+        random_baseline=random_iou(density, density),
+        matrix=matrix,
+        random_matrix=random_matrix,
+        vs_base={r["a"]: r["iou"] for r in overall if r["b"] == "base"},
+        pairs=overall,
+        layers=detail,
+    )
+    summary.write(out / IOU_FILE)
 
     # 4. Pictures: the heatmap, and IoU per layer (against the base when there is one).
-    sparsity = summary["sparsity"]
+    sparsity = summary.sparsity
     plot_iou_heatmap(labels, matrix, random_matrix, f"Ticket IoU at {sparsity:.0%} sparsity", out / "iou_heatmap.png")
     pairs = [(label, "base") for label in labels if label != "base"] if args.base else [(r["a"], r["b"]) for r in overall]
     plot_layer_iou(detail, pairs, f"Per-layer IoU at {sparsity:.0%} sparsity", out / "iou_layers.png")

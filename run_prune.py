@@ -24,6 +24,7 @@ from utils.arguments import PruneArguments, parse_arguments
 from utils.errors import UsageError
 from utils.hub import mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
+from utils.layout import sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, Mask, check_sparsity
 from utils.runs import run_cli, setup_logging
 from utils.tickets import PruneSpec, build_tickets, ticket_dirs
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 def ticket_repo(args: PruneArguments, sparsity: float) -> Optional[str]:
     if not args.hub_model_id:
         return None
-    return args.hub_model_id if len(args.sparsity) == 1 else f"{args.hub_model_id}-sparsity-{sparsity:.2f}"
+    return args.hub_model_id if len(args.sparsity) == 1 else f"{args.hub_model_id}-{sparsity_dirname(sparsity)}"
 
 
 def source_language(args: PruneArguments) -> Optional[str]:

@@ -30,9 +30,11 @@ from utils.arguments import parse_arguments
 from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
 from utils.errors import MissingInput, UsageError
 from utils.languages import resolve_language
+from utils.layout import RESULTS_FILE, sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, Mask, check_mask_fits, check_sparsity
 from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
-from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
+from utils.records import TransferResult
+from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
 from utils.structure import architecture_differences, family_of
 from utils.tickets import PruneSpec, find_ticket
 from utils.training import CTCTrainer, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
@@ -152,51 +154,51 @@ def main():
 
     # 8. results.json: one self-describing row of the grid (main process), model card and push.
     if training_args.process_index == 0:
-        results = {
-            "upstream": upstream,
-            "downstream": downstream.code,
-            "sparsity": sparsity,
-            "ticket": ticket_ref,
-            "ticket_found": found,
-            "ticket_source_model": ticket_info.get("source_model"),
-            "ticket_mask_sha256": ticket_info["sha256"],
-            "prune_scope": ticket_info["scope"],
-            "prune_method": ticket_info["method"],
-            "dense_transfer": transfer_args.dense_transfer,
-            "new_head": new_head,
-            "test_cer": metrics["test_cer"],
-            "test_wer": metrics["test_wer"],
-            "test_samples": metrics["test_samples"],
-            "test_loss": metrics["test_loss"],
-            "eval_loss": trainer.state.best_metric if trainer.state.best_metric is not None else metrics["eval_loss"],
-            "eval_cer": metrics["eval_cer"],
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "freeze_epochs": freeze_epochs,
-            "frozen_in_epochs": [e + 1 for e in freezer.frozen_in_epochs] if freezer else [],
-            "epochs": training_args.num_train_epochs,
-            "steps": trainer.state.global_step,
-            "train_samples": len(splits["train"]),
-            "seed": training_args.seed,
-            "learning_rate": training_args.learning_rate,
-            "per_device_train_batch_size": training_args.per_device_train_batch_size,
-            "world_size": training_args.world_size,
-            "dataset": data_args.data_dir or data_args.dataset_name,
-            "measured_sparsity": 1.0 - nonzero / ticket_info["total"],
-            "mask_held": pruned_zero,
-            "final_weights_sha256": digest,
-            "wall_time_s": round(time.time() - started, 1),
-            "transformers_version": transformers.__version__,
-            "command": " ".join(sys.argv),
-            "transfer_args": asdict(transfer_args),
-        }
-        write_json_atomic(Path(training_args.output_dir) / "results.json", results)
-        logger.info("%s -> %s at %.2f: test CER %.4f, WER %.4f", upstream, downstream.code, sparsity, results["test_cer"], results["test_wer"])
+        results = TransferResult(
+            upstream=upstream,
+            downstream=downstream.code,
+            sparsity=sparsity,
+            ticket=ticket_ref,
+            ticket_found=found,
+            ticket_source_model=ticket_info.get("source_model"),
+            ticket_mask_sha256=ticket_info["sha256"],
+            prune_scope=ticket_info["scope"],
+            prune_method=ticket_info["method"],
+            dense_transfer=transfer_args.dense_transfer,
+            new_head=new_head,
+            test_cer=metrics["test_cer"],
+            test_wer=metrics["test_wer"],
+            test_samples=metrics["test_samples"],
+            test_loss=metrics["test_loss"],
+            eval_loss=trainer.state.best_metric if trainer.state.best_metric is not None else metrics["eval_loss"],
+            eval_cer=metrics["eval_cer"],
+            best_checkpoint=trainer.state.best_model_checkpoint,
+            freeze_epochs=freeze_epochs,
+            frozen_in_epochs=[e + 1 for e in freezer.frozen_in_epochs] if freezer else [],
+            epochs=training_args.num_train_epochs,
+            steps=trainer.state.global_step,
+            train_samples=len(splits["train"]),
+            seed=training_args.seed,
+            learning_rate=training_args.learning_rate,
+            per_device_train_batch_size=training_args.per_device_train_batch_size,
+            world_size=training_args.world_size,
+            dataset=data_args.data_dir or data_args.dataset_name,
+            measured_sparsity=1.0 - nonzero / ticket_info["total"],
+            mask_held=pruned_zero,
+            final_weights_sha256=digest,
+            wall_time_s=round(time.time() - started, 1),
+            transformers_version=transformers.__version__,
+            command=" ".join(sys.argv),
+            transfer_args=asdict(transfer_args),
+        )
+        results.write(Path(training_args.output_dir) / RESULTS_FILE)
+        logger.info("%s -> %s at %.2f: test CER %.4f, WER %.4f", upstream, downstream.code, sparsity, results.test_cer, results.test_wer)
     write_card_or_push(
         trainer,
         finetuned_from=ticket_ref,
         language=downstream.code,
         dataset=data_args.data_dir or data_args.dataset_name,
-        tags=["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", f"sparsity-{sparsity:.2f}"],
+        tags=["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", sparsity_dirname(sparsity)],
     )
 
 

@@ -133,3 +133,9 @@ def make_fleurs_repo(hub_cache: Path, corpus: Path, language: str = "ca", config
         files[f"data/{config}/{fleurs_split}.tsv"] = ("\n".join(lines) + "\n").encode()
         files[f"data/{config}/audio/{fleurs_split}.tar.gz"] = _tar_gz(audio)
     add_offline_repo(hub_cache, "google/fleurs", "dataset", files)
+
+
+def files_containing(root: Path, secret: str) -> list[Path]:
+    """Every file under ``root`` whose bytes contain ``secret`` (pickles, safetensors and logs included)."""
+    needle = secret.encode()
+    return [p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST, ROOT, make_fleurs_repo, run_script
+from tests.conftest import FAST, ROOT, files_containing, make_fleurs_repo, run_script
 
 @pytest.fixture(scope="module")
 def finetuned(corpus_dir, tmp_path_factory):
@@ -144,13 +144,16 @@ def test_push_to_hub_as_in_the_examples(corpus_dir, tmp_path):
     from tests.hub_server import TOKEN, HubServer
 
     with HubServer() as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
         env.pop("HF_HUB_OFFLINE", None)
+        env.pop("HF_TOKEN", None)
         out = tmp_path / "push"
         result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out), "--num_train_epochs", "1",
-                             "--max_train_samples", "16", "--push_to_hub", "--hub_model_id", "me/tiny-en", *FAST], env)
+                             "--max_train_samples", "16", "--push_to_hub", "--hub_model_id", "me/tiny-en", "--hub_token", TOKEN, *FAST], env)
         assert result.returncode == 0, result.stderr[-3000:]
-        repo = hub.repo("me/tiny-en")
+        repo = hub.repo("me/tiny-en")  # the push authenticated with the token given as a flag ...
+        assert files_containing(out, TOKEN) == [] and (out / "training_args.bin").is_file()  # ... which no written file holds
+        assert not [name for name, data in repo.files.items() if TOKEN.encode() in data] and TOKEN not in result.stdout + result.stderr
         assert {"config.json", "model.safetensors", "vocab.json", "README.md"} <= set(repo.files)
         card = repo.files["README.md"].decode()
         assert "- en" in card and "- language-tickets" in card

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, grid, result_row, study_config, write_study
+from tests.conftest import ROOT, files_containing, grid, result_row, study_config, write_study
 from utils.grid import load_config, plan
 from utils.masks import Mask
 from utils.metrics import read_predictions
 from utils.report import cer_table, paired_table, write_report
 from utils.stats import Rates, paired_difference_interval, rate_interval
+
+GRID_SECRET = "hf_grid_secret_token"
+
 
 def test_config_errors_come_before_any_work(tmp_path):
     from run_grid import check_flags
@@ -83,6 +86,9 @@ def finished_study(corpus_dir, tmp_path_factory):
     """A two-seed study killed mid-way and resumed; returns (config path, first-run info)."""
     tmp_path = tmp_path_factory.mktemp("grid")
     path = write_study(tmp_path, data={"data_dir": str(corpus_dir / "{language}")}, prune_base=False)
+    config = yaml.safe_load(path.read_text())  # a Hub token in a section: it must reach no command line, record, log or output
+    config["finetune"]["hub_token"] = config["transfer"]["hub_token"] = GRID_SECRET
+    path.write_text(yaml.safe_dump(config))
     # data_dir holds a {language} placeholder: each script gets its own language's folder.
     dry = grid(path, "--dry_run", timeout=120)
     assert dry.returncode == 0 and dry.stdout.strip().endswith("# 9 of 9 steps to run (0 of them stale)")
@@ -119,6 +125,7 @@ def test_killed_grid_resumes_without_redoing_steps(finished_study):
     assert (study / "figures" / "iou_noise_floor_0.80.png").is_file()
     again = grid(path, timeout=120)
     assert "ran 0 step(s), skipped 9" in again.stdout
+    assert files_containing(study, GRID_SECRET) == [] and GRID_SECRET not in again.stdout + again.stderr
 
 
 def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_study):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAST, TINY_CONFIG, run_script
+from tests.conftest import FAST, TINY_CONFIG, files_containing, run_script
 from utils.mixture import clip_counts, describe_draw, draw_mixture, parse_mixture
 
 SSL = ["--mask_time_prob", "0.5", "--mask_time_length", "5", "--num_negatives", "10", "--use_cpu", "--disable_tqdm", "True",
@@ -237,8 +237,10 @@ def test_pretraining_continues_from_a_pretrained_checkpoint(pretrained, tmp_path
     out = tmp_path / "continued"
     flags = [f if f != "1e-3" else "0.0" for f in SSL]
     result = run_script(["--model_name_or_path", str(full), "--mixture", "en=0.5", "ca=0.5", "--total_clips", "32", "--eval_clips", "8",
-                         "--data_dir", str(data / "{language}"), "--num_train_epochs", "1", "--output_dir", str(out), *flags], env, "run_pretrain.py")
+                         "--data_dir", str(data / "{language}"), "--num_train_epochs", "1", "--output_dir", str(out), *flags,
+                         "--hub_token", "hf_secret_pretrain_token"], env, "run_pretrain.py")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert files_containing(out, "hf_secret_pretrain_token") == [] and (out / "training_args.bin").is_file()  # a token flag is written nowhere
     before, after = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after) and any(k.startswith("quantizer.") for k in after)
     for name in before:

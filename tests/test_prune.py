@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, files_containing
 from tests.hub_server import TOKEN, HubServer
 from utils.masks import parse_reference
 from utils.masks import Mask, prunable_parameters
@@ -151,10 +151,11 @@ def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
         env.pop("HF_HUB_OFFLINE", None)
         out = tmp_path / "ticket"
         common = ["--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.8", "--output_dir", str(out)]
-        # A push that stops after the ticket (no mask repo yet) ...
-        result = run_prune([*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket"], env)
+        # A push that stops after the ticket (no mask repo yet), with the token given as a flag ...
+        flag_only = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+        result = run_prune([*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket", "--hub_token", TOKEN], flag_only)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert len(hub.repo("me/tiny-en-ticket").commits) == 1
+        assert len(hub.repo("me/tiny-en-ticket").commits) == 1 and files_containing(out, TOKEN) == []
         # ... is completed by re-running with the mask repo: no new ticket commit, one mask commit.
         full = [*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket", "--hub_mask_repo_id", "me/xlsr-masks"]
         result = run_prune(full, env)
@@ -180,6 +181,7 @@ def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
                             "--hub_mask_repo_id", "me/xlsr-masks"], env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(mask_repo.files["index.csv"].decode().strip().splitlines()) == 3
+        assert not [name for repo in (ticket_repo, mask_repo) for name, data in repo.files.items() if TOKEN.encode() in data]  # no pushed file holds the token
         # Everything loads back through from_pretrained and load_mask, in a fresh process.
         loaded = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB, str(ROOT)], cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf2")),
                                 capture_output=True, text=True, timeout=120)

@@ -61,3 +61,10 @@ def test_signature_covers_every_result_changing_field_and_names_the_first_differ
         with pytest.raises(FileExistsError, match=re.escape(message)):
             claim_output_dir(str(out), run_signature("run_x.py", Extra(), changed))
     assert json.loads((out / SIGNATURE_FILE).read_text()) == signature
+
+
+def test_secret_flags_are_redacted_from_recorded_command_lines():
+    from utils.runs import REDACTED, redact_argv
+
+    argv = ["run_prune.py", "--hub_token", "hf_abc", "--seed", "1", "--hub_token=hf_def", "--hub_token_x", "kept"]
+    assert redact_argv(argv) == ["run_prune.py", "--hub_token", REDACTED, "--seed", "1", f"--hub_token={REDACTED}", "--hub_token_x", "kept"]

@@ -17,6 +17,7 @@ from .errors import UsageError
 from .masks import PRUNE_SCOPES
 from .model import ModelArguments
 from .pretraining import PretrainingArguments
+from .runs import SECRET_FLAGS, hide_token, redact_argv
 from .training import CTCTrainingArguments
 
 
@@ -113,9 +114,19 @@ def parse_arguments(script: str) -> tuple:
     parser = HfArgumentParser(SCRIPT_ARGUMENTS[script])
     try:
         if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-            return tuple(parser.parse_json_file(os.path.abspath(sys.argv[1])))
-        return tuple(parser.parse_args_into_dataclasses())
+            parsed = tuple(parser.parse_json_file(os.path.abspath(sys.argv[1])))
+        else:
+            parsed = tuple(parser.parse_args_into_dataclasses())
     except ValueError as err:
         if isinstance(err, UsageError):
             raise
         raise UsageError(f"{script}: {err}") from None
+    # A Hub token leaves the arguments (saved as training_args.bin, recorded in results.json's
+    # command) for the environment, where huggingface_hub reads it.
+    for arguments in parsed:
+        for name in SECRET_FLAGS:
+            if getattr(arguments, name, None):
+                hide_token(getattr(arguments, name))
+                setattr(arguments, name, None)
+    sys.argv[:] = redact_argv(sys.argv)
+    return parsed

@@ -18,7 +18,6 @@ second and its own command does the heavy imports.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -26,12 +25,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UsageError
-from .runs import write_json_atomic
+from .records import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "slurm")
@@ -139,16 +138,15 @@ class JobSpec:
         return self.resources.nodes > 1
 
 
-def read_record(path: str | Path) -> Optional[dict]:
-    path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_record(path: str | Path) -> Optional[StepRecord]:
+    """A step's record, or None when the step never ran."""
+    return StepRecord.read(path) if Path(path).is_file() else None
 
 
-def _record(spec: JobSpec, **values) -> dict:
+def _record(spec: JobSpec, **values) -> StepRecord:
     """Update a step's record (the runner writes it first; the job then adds to it)."""
-    record = read_record(spec.record) or dict(spec.record_base)
-    record |= values
-    write_json_atomic(spec.record, record)
+    record = replace(read_record(spec.record) or StepRecord(**spec.record_base), **values)
+    record.write(spec.record)
     return record
 
 
@@ -161,7 +159,7 @@ def _job_id() -> Optional[str]:
         return None
 
 
-def run_job(spec: JobSpec) -> dict:
+def run_job(spec: JobSpec) -> Optional[StepRecord]:
     """Run one step (inside a submitit job, or directly): its command with output to its log, its
     record updated to running, then done or failed. In a multi-node job every node runs the
     command with its own rank; node 0 keeps the record."""
@@ -184,7 +182,7 @@ def run_job(spec: JobSpec) -> dict:
     with open(spec.log, "w" if rank0 else "a", encoding="utf-8") as f:
         result = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if not rank0:
-        return {}
+        return None
     finished = time.time()
     status = "done" if result.returncode == 0 and Path(spec.done).exists() else "failed"
     return _record(spec, status=status, finished=finished, seconds=round(finished - started, 1), returncode=result.returncode, log=spec.log)
@@ -228,12 +226,12 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
     by_id = {job.id: job for job in jobs}
     while pending or pool.running:
         for job_id in pool.finished():
-            record = read_record(by_id[job_id].record) or {}
-            if record.get("status") == "done":
+            record = read_record(by_id[job_id].record) or StepRecord(**by_id[job_id].record_base)
+            if record.status == "done":
                 finished.add(job_id)
                 on_event("done", by_id[job_id], record)
             else:
-                failed[job_id] = record | {"status": "failed"}
+                failed[job_id] = replace(record, status="failed")
                 on_event("failed", by_id[job_id], failed[job_id])
         waiting = []
         for job in pending:
@@ -242,7 +240,7 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
                 blocked[job.id] = blocked.get(cause, cause)
                 on_event("blocked", job, blocked[job.id])
             elif all(n not in ids or n in finished for n in job.needs) and pool.can_start(job):
-                write_json_atomic(job.record, job.record_base | {"status": "queued", "queued": time.time(), "executor": "local"})
+                StepRecord(**job.record_base, status="queued", queued=time.time(), executor="local").write(job.record)
                 pool.start(job)
                 on_event("started", job, None)
             else:
@@ -324,7 +322,7 @@ def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str
         parameters[key] = slurm.get(key) or None
     executor.update_parameters(**parameters)
     job_id = str(executor.submit(run_job, spec).job_id)
-    record = read_record(spec.record) or {}
-    if record.get("job_id") != job_id or record.get("status") not in ("running", "done", "failed"):  # unless the job already began
-        write_json_atomic(spec.record, spec.record_base | {"status": "queued", "job_id": job_id, "executor": "slurm", "queued": time.time()})
+    record = read_record(spec.record)
+    if record is None or record.job_id != job_id or record.status not in ("running", "done", "failed"):  # unless the job already began
+        StepRecord(**spec.record_base, status="queued", job_id=job_id, executor="slurm", queued=time.time()).write(spec.record)
     return job_id

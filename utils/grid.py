@@ -3,26 +3,16 @@ at each sparsity, transfer every ticket to every downstream language, compare ma
 
 A study is a small YAML (or JSON) file; ``configs/paper.yaml`` is the paper's. Every step is a
 command of ours with a file that marks it done, so a killed grid resumes where it stopped and
-``--dry_run`` can hand the commands to other machines or a scheduler. Layout::
+``--dry_run`` can hand the commands to other machines or a scheduler. Where each step's output
+lives is ``utils.layout``'s (one folder per step: its id is that folder relative to the study);
+the grid adds, under the output directory, ``steps/<step>.json`` (command, settings, identity,
+status and time of each step run), ``logs/<step>.log``, and ``stale/<time>/<step>/`` (outputs of
+stale steps moved aside by ``--rerun_stale``).
 
-    <output_dir>/seed-<seed>/finetune/<upstream>/            run_finetune.py output
-    <output_dir>/seed-<seed>/tickets/<upstream|base>/sparsity-0.80/
-    <output_dir>/seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/results.json, predictions_test.jsonl
-    <output_dir>/seed-<seed>/iou/sparsity-0.80/iou.json
-    <output_dir>/iou-seeds/sparsity-0.80/iou.json   every ticket of every seed (with two seeds or more)
-    <output_dir>/steps/<step>.json     command, settings, identity, status, time of each step run
-    <output_dir>/logs/<step>.log       its output
-    <output_dir>/stale/<time>/<step>/  outputs of stale steps moved aside by --rerun_stale
-    <output_dir>/REPORT.md, results.csv, figures/
-
-With several self-supervised bases (``bases:``), each base is a study of its own, pretrained per
-seed by ``run_pretrain.py`` from the same initial weights (the checkpoint, or a config dir's random
-weights drawn from the seed), and the top-level report compares them::
-
-    <output_dir>/base-<name>/seed-<seed>/pretrain/               run_pretrain.py output (mixture.json)
-    <output_dir>/base-<name>/seed-<seed>/finetune|tickets|transfer|iou/...   as above
-    <output_dir>/base-<name>/iou-seeds/, REPORT.md, results.csv  that base's own study
-    <output_dir>/REPORT.md, results.csv                          the bases side by side (utils.bases)
+With several bases (``bases:``), each base is a study of its own under ``base-<name>/``, started per
+seed from its model, or pretrained by ``run_pretrain.py`` from the same initial weights (the
+checkpoint, or a config dir's random weights drawn from the seed), and the top-level report
+compares them (``utils.bases``).
 
 **Stale steps.** A step's identity is the flags the grid passes it (runtime-only flags such as
 logging or output paths left out, see ``utils.runs.RUNTIME_FIELDS``) together with the identities
@@ -49,11 +39,12 @@ from .data import GENERATED_CORPUS_DIR
 from .errors import MissingInput, UsageError
 from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
+from .layout import IOU_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, sparsity_dirname
 from .masks import MASK_FILE, check_sparsity
 from .mixture import parse_mixture
 from .model import has_local_config_only
-from .runs import RUNTIME_FIELDS, first_difference
-from .tickets import local_ticket_dir
+from .records import IoUSummary, StepRecord, TransferResult
+from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +123,13 @@ def load_config(path: str) -> StudyConfig:
     if missing:
         raise UsageError(f"grid config {path!r} lacks {missing}")
     config = StudyConfig(**raw)
+    # A Hub token in a section goes to the environment the steps inherit, never into their
+    # command lines, records or logs.
+    bases = list(config.bases.values()) if isinstance(config.bases, dict) else []
+    for section in (config.data, config.finetune, config.prune, config.transfer, config.ctc_pretrain, config.ssl_pretrain, *bases):
+        if isinstance(section, dict):
+            for name in SECRET_FLAGS:
+                hide_token(section.pop(name, None))
     config.resources = parse_resources(config.resources)
     config.slurm = parse_slurm(config.slurm)
     for kind in TRAINING_KINDS:
@@ -261,7 +259,7 @@ class _Planner:
 
 
 def prune_step_id(seed: int, label: str, sparsity: float, prefix: str = "") -> str:
-    return f"{prefix}seed-{seed}/prune/{label}/sparsity-{sparsity:.2f}"
+    return f"{prefix}seed-{seed}/prune/{label}/{sparsity_dirname(sparsity)}"
 
 
 def plan(config: StudyConfig) -> list[Step]:
@@ -287,20 +285,21 @@ def plan(config: StudyConfig) -> list[Step]:
         # A tiny model with no pretrained weights: initialise the study's base. (run_pretrain.py
         # starts from the config itself, seeded: every base of a seed starts from the same weights.)
         if config.model and has_local_config_only(config.model) and not config.bases:
-            base = str(out / f"seed-{seed}" / "base-model")
+            base = str(StudyLayout(out).base_model(seed))
             settings = {"init_from_config": config.model, "output_dir": base, "seed": seed}
-            initial[seed] = (base, p.add(f"seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id)
+            initial[seed] = (base, p.add(StudyLayout(out).step_id(Path(base)), "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id)
     for name, root, prefix in sub_studies(config):
+        layout = StudyLayout(root)
         for seed in config.seeds:
             base, base_step = initial[seed]
-            target = root / f"seed-{seed}" / "pretrain"
+            target = layout.pretrain(seed)
             script, needs = None, [base_step]
             if name is not None and "model" in config.bases[name]:  # a base to start from as it is (a config dir: seeded random weights)
                 base, base_step, needs = config.bases[name]["model"], None, [*data_steps]
                 if has_local_config_only(base):
-                    init = str(root / f"seed-{seed}" / "base-model")
+                    init = str(layout.base_model(seed))
                     settings = {"init_from_config": base, "output_dir": init, "seed": seed}
-                    base_step = p.add(f"{prefix}seed-{seed}/base-model", "init", [*python, "-m", "utils.model", *_flags(settings)], Path(init) / "config.json",
+                    base_step = p.add(layout.step_id(Path(init), prefix), "init", [*python, "-m", "utils.model", *_flags(settings)], Path(init) / "config.json",
                                       settings, Path(init), []).id
                     base = init
                 needs.append(base_step)
@@ -314,30 +313,29 @@ def plan(config: StudyConfig) -> list[Step]:
                             "seed": seed, **config.data, **config.ssl_pretrain, **extra}
                 script = "run_pretrain.py"
             if script:
-                base_step = p.add(f"{prefix}seed-{seed}/pretrain", "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / "all_results.json",
+                base_step = p.add(layout.step_id(target, prefix), "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / TRAINER_RESULTS_FILE,
                                   settings, target, [*data_steps, base_step], len(launch["pretrain"])).id
                 base, needs = str(target), [base_step]
-            _plan_seed(p, config, launch, root, prefix, seed, base, base_step, needs)
-        _plan_seed_iou(p, config, root, prefix)
+            _plan_seed(p, config, launch, layout, prefix, seed, base, base_step, needs)
+        _plan_seed_iou(p, config, layout, prefix)
     return p.steps
 
 
-def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, out: Path, prefix: str, seed: int, base: str, base_step: Optional[str],
+def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayout, prefix: str, seed: int, base: str, base_step: Optional[str],
                needs: list[Optional[str]]) -> None:
     """One seed of one study: fine-tune each upstream language from ``base`` (after ``needs``),
     prune them (and the base), transfer every ticket to every downstream language, compare the masks."""
     python = [sys.executable]
-    root = out / f"seed-{seed}"
     for up in config.upstream:
-        target = root / "finetune" / up
+        target = layout.finetune(seed, up)
         settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, **_data_flags(config.data, up), **config.finetune}
-        p.add(f"{prefix}seed-{seed}/finetune/{up}", "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / "all_results.json",
+        p.add(layout.step_id(target, prefix), "finetune", [*launch["finetune"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / TRAINER_RESULTS_FILE,
               settings, target, needs, len(launch["finetune"]))
     sources = [("base", base, base_step)] if config.prune_base else []
-    sources += [(up, str(root / "finetune" / up), f"{prefix}seed-{seed}/finetune/{up}") for up in config.upstream]
+    sources += [(up, str(layout.finetune(seed, up)), layout.step_id(layout.finetune(seed, up), prefix)) for up in config.upstream]
     for label, source, parent in sources:
         for s in config.sparsities:  # one step per ticket, so adding a sparsity leaves the others done
-            target = local_ticket_dir(root / "tickets", label, s)
+            target = layout.ticket(seed, label, s)
             settings = {"model_name_or_path": source, "language": label, "sparsity": s, "output_dir": str(target), "seed": seed, **config.prune}
             p.add(prune_step_id(seed, label, s, prefix), "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], target / MASK_FILE,
                   settings, target, [parent])
@@ -345,31 +343,31 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, out: Path, prefix
     for up in tickets_from:
         for down in config.downstream:
             for s in config.sparsities:
-                target = root / "transfer" / f"{up}-{down}" / f"sparsity-{s:.2f}"
-                settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(root / "tickets"), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
-                p.add(f"{prefix}seed-{seed}/transfer/{up}-{down}/sparsity-{s:.2f}", "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
-                      target / "results.json", settings, target, [prune_step_id(seed, up, s, prefix)], len(launch["transfer"]))
+                target = layout.transfer(seed, up, down, s)
+                settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(layout.tickets(seed)), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
+                p.add(layout.step_id(target, prefix), "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
+                      target / RESULTS_FILE, settings, target, [prune_step_id(seed, up, s, prefix)], len(launch["transfer"]))
     labels = config.upstream + (["base"] if config.prune_base else [])
     for s in config.sparsities:
         if len(labels) < 2:
             continue
-        target = root / "iou" / f"sparsity-{s:.2f}"
-        masks = [f"{label}={local_ticket_dir(root / 'tickets', label, s)}" for label in config.upstream]
-        settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(local_ticket_dir(root / "tickets", "base", s))} if config.prune_base else {})
-        p.add(f"{prefix}seed-{seed}/iou/sparsity-{s:.2f}", "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+        target = layout.iou(seed, s)
+        masks = [f"{label}={layout.ticket(seed, label, s)}" for label in config.upstream]
+        settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(layout.ticket(seed, "base", s))} if config.prune_base else {})
+        p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, [prune_step_id(seed, label, s, prefix) for label in labels])
 
 
-def _plan_seed_iou(p: _Planner, config: StudyConfig, out: Path, prefix: str) -> None:
+def _plan_seed_iou(p: _Planner, config: StudyConfig, layout: StudyLayout, prefix: str) -> None:
     """The noise floor: tickets of the same language from different seeds (with two seeds or more)."""
     if len(config.seeds) < 2:
         return
     labels = config.upstream + (["base"] if config.prune_base else [])
     for s in config.sparsities:
-        target = out / "iou-seeds" / f"sparsity-{s:.2f}"
-        masks = [f"{label}@{seed}={local_ticket_dir(out / f'seed-{seed}' / 'tickets', label, s)}" for label in labels for seed in config.seeds]
+        target = layout.seeds_iou(s)
+        masks = [f"{label}@{seed}={layout.ticket(seed, label, s)}" for label in labels for seed in config.seeds]
         settings = {"masks": masks, "output_dir": str(target)}
-        p.add(f"{prefix}iou-seeds/sparsity-{s:.2f}", "iou", [sys.executable, str(ROOT / "run_iou.py"), *_flags(settings)], target / "iou.json",
+        p.add(layout.step_id(target, prefix), "iou", [sys.executable, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, [prune_step_id(seed, label, s, prefix) for label in labels for seed in config.seeds])
 
 
@@ -406,7 +404,8 @@ def step_states(config: StudyConfig, steps: list[Step]) -> dict[str, StepState]:
         if not step.done.exists():
             states[step.id] = StepState("todo")
             continue
-        recorded = (read_record(step_record_path(config.output_dir, step)) or {}).get("identity")
+        record = read_record(step_record_path(config.output_dir, step))
+        recorded = record.identity if record else None
         if recorded is None or recorded == step.identity:
             states[step.id] = StepState("done")
             continue
@@ -452,16 +451,16 @@ def step_status(config: StudyConfig, steps: list[Step]) -> list[dict]:
     rows = []
     now = time.time()
     for step in steps:
-        record = read_record(step_record_path(config.output_dir, step)) or {}
+        record = read_record(step_record_path(config.output_dir, step)) or StepRecord(step.id, step.kind, "", {}, {}, [])
         state = states[step.id].state
         if state == "todo":
-            state = record.get("status") if record.get("status") in ("running", "queued", "failed") else "pending"
-            if state == "running" and record.get("executor") == "local" and not _alive(record.get("pid")):
+            state = record.status if record.status in ("running", "queued", "failed") else "pending"
+            if state == "running" and record.executor == "local" and not _alive(record.pid):
                 state = "pending"  # its runner was killed: a re-run starts it again
-        started, finished = record.get("started"), record.get("finished")
+        started, finished = record.started, record.finished
         elapsed = (finished or now) - started if started and state in ("running", "done", "stale", "failed") else None
-        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": record.get("job_id") or "",
-                     "log": str(step_log_path(config.output_dir, step)) if record else "", "reason": states[step.id].reason})
+        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": record.job_id or "",
+                     "log": str(step_log_path(config.output_dir, step)) if record.command else "", "reason": states[step.id].reason})
     return rows
 
 
@@ -481,17 +480,18 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> tuple[l
     from .metrics import predictions_path, read_predictions
 
     steps = [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
+    layout = StudyLayout(next(folder for _, folder, p in sub_studies(config) if p == prefix))
     rows = []
     for step in steps:
         if step.kind == "transfer" and step.done.is_file():
-            result = json.loads(step.done.read_text(encoding="utf-8"))
+            result = TransferResult.read(step.done).to_dict()
             result["utterances"] = read_predictions(predictions_path(step.output, "test"), result["test_cer"], result["test_samples"])
             rows.append(result)
     ious: dict[float, dict] = {}
     seed_ious: dict[float, dict] = {}
     for s in config.sparsities:
-        found = [json.loads(st.done.read_text(encoding="utf-8")) for st in steps
-                 if st.kind == "iou" and st.id.startswith(f"{prefix}seed-") and st.id.endswith(f"sparsity-{s:.2f}") and st.done.is_file()]
+        per_seed = {layout.iou(seed, s) for seed in config.seeds}
+        found = [IoUSummary.read(st.done).to_dict() for st in steps if st.kind == "iou" and st.output in per_seed and st.done.is_file()]
         if found:
             merged = dict(found[0])
             n = len(merged["labels"])
@@ -500,7 +500,7 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> tuple[l
             merged["seeds"] = len(found)
             merged["per_seed"] = found
             ious[s] = merged
-        across = [st for st in steps if st.id == f"{prefix}iou-seeds/sparsity-{s:.2f}" and st.done.is_file()]
+        across = [st for st in steps if st.kind == "iou" and st.output == layout.seeds_iou(s) and st.done.is_file()]
         if across:
-            seed_ious[s] = json.loads(across[0].done.read_text(encoding="utf-8"))
+            seed_ious[s] = IoUSummary.read(across[0].done).to_dict()
     return rows, ious, seed_ious

@@ -14,6 +14,7 @@ from typing import Optional, Union
 from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
+from .layout import sparsity_dirname
 from .runs import explain_hub_error
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def push_ticket(ticket_dir: Union[str, os.PathLike], repo_id: str, token: Option
 def mask_path_in_repo(language: str, sparsity: float, method: str, scope: str, layerwise: bool) -> str:
     """``masks/<language>/sparsity-0.80.safetensors``; non-default method/scope are spelled out."""
     variant = "" if (method, scope, layerwise) == ("magnitude", "encoder_linear", False) else f"_{method}{'-layerwise' if layerwise else ''}_{scope}"
-    return f"masks/{language}/sparsity-{sparsity:.2f}{variant}.safetensors"
+    return f"masks/{language}/{sparsity_dirname(sparsity)}{variant}.safetensors"
 
 
 def _read_index(api: HfApi, repo_id: str) -> list[dict]:

@@ -44,7 +44,7 @@ class _Record:
         except json.JSONDecodeError as err:
             raise UsageError(f"{path} is not JSON ({err}): expected a {cls.__name__} written by this suite") from None
         if not isinstance(values, dict):
-            raise UsageError(f"{path} holds a {type(values).__name__}: expected a {cls.__name__} object")
+            raise UsageError(f"{path} holds a {type(values).__name__}: expected a JSON object ({cls.__name__})")
         return cls.from_dict(values, str(path))
 
 

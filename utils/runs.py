@@ -169,6 +169,32 @@ def explain_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
     return HubError(f"cannot {action} {repo_id} (HTTP {status or '?'}: {type(err).__name__}): {hint}")
 
 
+SECRET_FLAGS = ("hub_token",)  # moved to the environment before anything is written (see utils.arguments)
+REDACTED = "<redacted>"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every secret flag (``--hub_token X``, ``--hub_token=X``) replaced."""
+    out, hide = [], False
+    for item in argv:
+        name = item.lstrip("-").split("=", 1)[0]
+        if hide:
+            out.append(REDACTED)
+        elif item.startswith("--") and name in SECRET_FLAGS and "=" in item:
+            out.append(f"--{name}={REDACTED}")
+        else:
+            out.append(item)
+        hide = item.startswith("--") and name in SECRET_FLAGS and "=" not in item
+    return out
+
+
+def hide_token(token: Optional[str]) -> None:
+    """Hand a Hub token to ``huggingface_hub`` through ``HF_TOKEN`` (read at every call), so it never
+    has to sit in arguments that are saved (``training_args.bin``), recorded or logged."""
+    if token:
+        os.environ["HF_TOKEN"] = token
+
+
 def run_cli(main) -> None:
     """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit code 2."""
     import sys

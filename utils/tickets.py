@@ -22,7 +22,8 @@ from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoProcessor, s
 
 from .errors import MissingInput
 from .hub import write_ticket_card
-from .masks import MASK_FILE, apply_mask, compute_masks, Mask, prunable_parameters
+from .layout import sparsity_dirname, ticket_dir
+from .masks import MASK_FILE, Mask, apply_mask, compute_masks, prunable_parameters
 from .runs import claim_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -113,20 +114,12 @@ def build_tickets(
     return infos
 
 
-def sparsity_dir(parent: str | Path, sparsity: float) -> Path:
-    return Path(parent) / f"sparsity-{sparsity:.2f}"
-
-
 def ticket_dirs(output_dir: str | Path, sparsities: list[float]) -> dict[float, Path]:
     """Where ``run_prune.py --output_dir`` puts each ticket: one sparsity straight into the
     directory, several into its ``sparsity-0.70/``, ``sparsity-0.80/``, ..."""
     if len(sparsities) == 1:
         return {sparsities[0]: Path(output_dir)}
-    return {s: sparsity_dir(output_dir, s) for s in sparsities}
-
-
-def local_ticket_dir(tickets_dir: str, upstream: str, sparsity: float) -> Path:
-    return sparsity_dir(Path(tickets_dir) / upstream, sparsity)
+    return {s: Path(output_dir) / sparsity_dirname(s) for s in sparsities}
 
 
 def hub_ticket_exists(repo_id: str) -> bool:
@@ -150,7 +143,7 @@ def find_ticket(
     """``(reference, how)`` of the ticket for ``upstream`` at ``sparsity``: a local ticket
     directory, else a Hub repo from the pattern, else one pruned now from ``upstream_model``."""
     looked = []
-    local = local_ticket_dir(tickets_dir, upstream, sparsity)
+    local = ticket_dir(tickets_dir, upstream, sparsity)
     if (local / MASK_FILE).is_file():
         return str(local), "local"
     looked.append(f"{local}/{MASK_FILE}")
