@@ -15,8 +15,9 @@ import logging
 from transformers import set_seed
 
 from utils.arguments import parse_arguments
-from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.data import build_processor, load_language_splits
 from utils.errors import UsageError
+from utils.features import DataCollatorCTCWithPadding, vectorize_splits
 from utils.languages import resolve_language
 from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging

@@ -27,8 +27,9 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, set_seed
 
 from utils.arguments import parse_arguments
-from utils.data import DataCollatorCTCWithPadding, build_processor, load_language_splits, vectorize_splits
+from utils.data import build_processor, load_language_splits
 from utils.errors import MissingInput, UsageError
+from utils.features import DataCollatorCTCWithPadding, vectorize_splits
 from utils.languages import resolve_language
 from utils.layout import RESULTS_FILE, sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, Mask, check_mask_fits, check_sparsity

@@ -10,14 +10,8 @@ from datasets import DatasetDict
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor
 
 from tests.conftest import TINY_CONFIG, make_fleurs_repo
-from utils.data import (
-    DataCollatorCTCWithPadding,
-    build_processor,
-    load_fleurs_split,
-    load_local_splits,
-    normalize_splits,
-    prepare_features,
-)
+from utils.data import build_processor, load_fleurs_split, load_local_splits, normalize_splits
+from utils.features import DataCollatorCTCWithPadding, prepare_features
 from utils.languages import resolve_language
 from utils.structure import frames_for_samples, receptive_field
 from utils.text import build_vocab, normalize_text, unseen_chars
@@ -169,7 +163,8 @@ def test_fleurs_loader_reads_offline_hub_cache(tmp_path, corpus_dir, monkeypatch
 def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, monkeypatch, caplog):
     import datasets
 
-    from utils.data import DataArguments, build_processor, features_cache_dir, load_language_splits, vectorize_splits
+    from utils.data import DataArguments, build_processor, load_language_splits
+    from utils.features import features_cache_dir, vectorize_splits
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     args = DataArguments(language="en", data_dir=str(corpus_dir / "en"), max_train_samples=40)
@@ -177,7 +172,7 @@ def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, mon
     config = AutoConfig.from_pretrained(TINY_CONFIG)
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG)
     processor = build_processor(vocab, extractor, str(tmp_path / "p1"))
-    with caplog.at_level(logging.INFO, logger="utils.data"):
+    with caplog.at_level(logging.INFO, logger="utils.features"):
         first = vectorize_splits(raw, processor, config, args)
         assert caplog.text.count("features: computing") == 3 and "features: cached" not in caplog.text
         caplog.clear()
@@ -189,7 +184,7 @@ def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, mon
         assert np.array_equal(np.concatenate(again[split]["input_values"]), np.concatenate(first[split]["input_values"]))
     # Another vocabulary (so other label ids) or other clips: other features, never the cached ones.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="utils.data"):
+    with caplog.at_level(logging.INFO, logger="utils.features"):
         permuted = {char: len(vocab) - 1 - i for char, i in vocab.items()}
         vectorize_splits(raw, build_processor(permuted, extractor, str(tmp_path / "p3")), config, args)
         vectorize_splits(DatasetDict({k: v.select(range(10)) for k, v in raw.items()}), processor, config, args)

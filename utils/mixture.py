@@ -145,7 +145,8 @@ def load_mixture_splits(
 
     from datasets import DatasetDict, concatenate_datasets
 
-    from .data import load_raw_splits, vectorize_splits
+    from .data import load_raw_splits
+    from .features import vectorize_splits
     from .text import SAMPLING_RATE
 
     per_language = {}
