@@ -1,5 +1,6 @@
 import csv
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,25 @@ def test_unlabelled_folder_reads_for_pretraining_only(tmp_path, caplog):
                                     16000 * 20, min_frames=6)
     assert prepared["train"]["id"] == ["long.wav"] and prepared["train"][0]["labels"] == []
     assert frames_for_samples(config, 800) < 6 and "1 fewer than 6 output frames" in caplog.text
+
+
+def test_audiofolder_metadata_quirks_and_escapes(tmp_path, caplog):
+    """A BOM, quoted commas and repeated rows are read (repeats skipped and counted); a file_name
+    leading outside its split folder is refused before any audio is read."""
+    root = tmp_path / "data"
+    outside = tmp_path / "secret.wav"
+    _tone(outside, 0.5)
+    for split in ("train", "validation", "test"):
+        (root / split).mkdir(parents=True)
+        _tone(root / split / "a.wav", 0.5)
+        with open(root / split / "metadata.csv", "w", newline="", encoding="utf-8-sig") as f:  # written with a BOM
+            csv.writer(f).writerows([["file_name", "transcription"], ["a.wav", "one, two"], ["a.wav", "one, two"]])
+    with caplog.at_level(logging.WARNING):
+        splits = load_local_splits(str(root))
+    assert splits["train"]["text"] == ["one, two"] and "skipped 1 repeated row(s)" in caplog.text
+    (root / "train" / "link.wav").symlink_to(outside)
+    for bad in ("../../secret.wav", str(outside), "link.wav", "sub/../../secret.wav"):
+        with open(root / "train" / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["file_name", "transcription"], ["a.wav", "ok"], [bad, "x"]])
+        with pytest.raises(ValueError, match=rf"metadata.csv line 3: file_name {re.escape(repr(bad))} leads outside .*train: expected a path inside the split folder"):
+            load_local_splits(str(root))

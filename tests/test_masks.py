@@ -1,6 +1,7 @@
 """Masks against an independent numpy reference: rank all scores with np.lexsort (score, then
 global position) and prune the first round(s*N)."""
 
+import json
 import math
 
 import numpy as np
@@ -192,3 +193,50 @@ def test_corrupted_truncated_and_foreign_files_are_refused(tmp_path):
         Mask.load(tmp_path / "weights.safetensors").bools()
     with pytest.raises(FileNotFoundError, match="holds no mask.safetensors"):
         resolve_mask(tmp_path)
+
+
+def _forge(path, tensors: dict, metadata: dict) -> None:
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy(tensors, str(path), metadata={"mask": json.dumps(metadata)})
+
+
+def test_hostile_mask_files_are_refused_from_the_header_before_allocating(tmp_path):
+    import time
+    import tracemalloc
+
+    import zstandard
+
+    good = {"format": "language-tickets-mask", "format_version": 1, "kept": {"w": 0}, "sha256": "0" * 64}
+    bits = np.zeros(16, np.uint8)
+    frame = np.frombuffer(zstandard.ZstdCompressor().compress(bytes(16)), np.uint8)
+    lying = np.frombuffer(zstandard.ZstdCompressor().compress(bytes(16)), np.uint8).copy()
+    cases = [
+        ({"w": bits}, {"shapes": {"w": [10**12]}, "encodings": {"w": "packbits"}}, "claims shape [1000000000000] (1,000,000,000,000 weights) but stores 16 packbits bytes"),
+        ({"w": frame}, {"shapes": {"w": [10**12]}, "encodings": {"w": "zstd"}}, "refused before allocating anything"),
+        ({"w": bits.astype(np.float32)}, {"shapes": {"w": [128]}, "encodings": {"w": "packbits"}}, "is float32 with 1 dimension(s): expected 1-D uint8"),
+        ({"w": bits.reshape(4, 4)}, {"shapes": {"w": [128]}, "encodings": {"w": "packbits"}}, "is uint8 with 2 dimension(s)"),
+        ({"w": bits, "x": bits}, {"shapes": {"w": [128]}, "encodings": {"w": "packbits"}}, "disagree on ['x']"),
+        ({"w": bits}, {"shapes": {"w": [128], "y": [8]}, "encodings": {"w": "packbits", "y": "packbits"}}, "disagree on ['y']"),
+        ({"w": bits}, {"shapes": {"w": [128]}, "encodings": {"w": "lz4"}}, "encoding 'lz4': expected packbits or zstd"),
+        ({"w": bits}, {"shapes": {"w": [-8]}, "encodings": {"w": "packbits"}}, "has shape [-8]: expected a list of non-negative integers"),
+        ({"w": bits}, {"shapes": "junk", "encodings": {}}, "lacks a valid shapes"),
+        ({"w": bits}, {"shapes": {"w": [128]}, "encodings": {"w": "zstd"}}, "is not a zstd frame"),
+        ({"w": lying}, {"shapes": {"w": [256]}, "encodings": {"w": "zstd"}}, "stores"),  # the frame declares 16 bytes, the shape needs 32
+    ]
+    for i, (tensors, meta, message) in enumerate(cases):
+        path = tmp_path / f"m{i}.safetensors"
+        _forge(path, tensors, good | meta)
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(ValueError) as err:
+            Mask.load(path)
+        seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert message in str(err.value), (i, str(err.value))
+        assert seconds < 1 and peak < 8 * 2**20, (i, seconds, peak)  # refused in under a second, a few MB at most
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy({"w": bits}, str(tmp_path / "json.safetensors"), metadata={"mask": "{not json"})
+    with pytest.raises(ValueError, match="is not a readable mask file"):
+        Mask.load(tmp_path / "json.safetensors")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, files_containing
 from utils.masks import Mask
 from utils.metrics import read_predictions
 
@@ -96,10 +96,11 @@ def test_dense_transfer_control_lets_pruned_weights_regrow(tickets, corpus_dir, 
     out = tmp_path / "dense"
     result = run("run_transfer.py", ["--upstream", "en", "--downstream", "ca", "--sparsity", "0.8", "--tickets_dir", str(tickets / "tickets"),
                                      "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(out), "--freeze_epochs", "0", "--train_epochs", "1",
-                                     "--dense_transfer", *TRAIN])
+                                     "--dense_transfer", "--hub_token", "hf_secret_transfer_token", *TRAIN])
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["dense_transfer"] is True and results["mask_held"] is False
+    assert "--hub_token <redacted>" in results["command"] and files_containing(out, "hf_secret_transfer_token") == []  # training_args.bin included
     assert results["measured_sparsity"] < 0.1  # the pruned weights trained back to non-zero values
 
 

@@ -42,6 +42,7 @@ from .text import SAMPLING_RATE, normalize_text
 logger = logging.getLogger(__name__)
 
 CORPUS_VERSION = 1
+MIX_VERSION = 2  # 2: clips hard-linked inside each split folder (1 pointed at ../../<language>/)
 VOICE_VARIANTS = [f"m{i}" for i in range(1, 8)] + [f"f{i}" for i in range(1, 6)]
 SPEED_RANGE, PITCH_RANGE, WORDS_RANGE = (130, 190), (30, 70), (2, 5)
 SILENCE_THRESHOLD, EDGE_PAD_SECONDS = 0.01, 0.05
@@ -170,15 +171,16 @@ def mix_corpus(
 ) -> Path:
     """A multilingual corpus ``<output_dir>/mul`` drawn from the per-language corpora (generated
     first if missing) in the proportions of ``mixture``: a stand-in for a multilingual
-    pretraining set, English-heavy if you make it so. Its ``metadata.csv`` rows point at the
-    languages' own clips (relative paths), so nothing is copied. ``per_language`` holds the
-    ``generate_corpus`` settings of the language corpora."""
+    pretraining set, English-heavy if you make it so. Its clips are hard links to the languages'
+    own (a copy where links cannot be made) under ``<split>/<language>/``, so every ``file_name``
+    stays inside its split folder as the loader requires, and little is copied. ``per_language``
+    holds the ``generate_corpus`` settings of the language corpora."""
     per_language = per_language or {}
     total = sum(mixture.values())
     if not mixture or total <= 0 or any(w < 0 for w in mixture.values()):
         raise UsageError(f"mixture {mixture!r}: expected positive weights per language, e.g. en=0.5 de=0.25 es=0.25")
     sources = generate_corpus(output_dir, list(mixture), **per_language)
-    settings = {"version": CORPUS_VERSION, "mixture": {resolve_language(k).code: v / total for k, v in mixture.items()}, "num_train": num_train, "num_eval": num_eval, "seed": seed, "sources": per_language}
+    settings = {"version": MIX_VERSION, "mixture": {resolve_language(k).code: v / total for k, v in mixture.items()}, "num_train": num_train, "num_eval": num_eval, "seed": seed, "sources": per_language}
     target = Path(output_dir) / "mul"
     if _reusable(target, settings, "another mixture"):
         return target
@@ -190,10 +192,11 @@ def mix_corpus(
         for code, weight in settings["mixture"].items():
             with open(sources[code] / split / "metadata.csv", newline="", encoding="utf-8") as f:
                 available = list(csv.DictReader(f))
+            (tmp / split / code).mkdir(parents=True)
             for row in rng.sample(available, min(len(available), round(weight * size))):
-                rows.append({"file_name": f"../../{code}/{split}/{row['file_name']}", "transcription": row["transcription"], "language": code})
+                _link_or_copy(sources[code] / split / row["file_name"], tmp / split / code / row["file_name"])
+                rows.append({"file_name": f"{code}/{row['file_name']}", "transcription": row["transcription"], "language": code})
         rng.shuffle(rows)
-        (tmp / split).mkdir(parents=True)
         with open(tmp / split / "metadata.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["file_name", "transcription", "language"])
             writer.writeheader()
@@ -201,6 +204,13 @@ def mix_corpus(
     write_json_atomic(tmp / "corpus.json", settings)
     replace_dir_atomic(tmp, target)
     return target
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
 
 
 def main() -> None:

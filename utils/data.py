@@ -133,9 +133,11 @@ def _audio_text_dataset(paths: list[str], texts: list[str], ids: list[str]) -> D
 
 
 def load_local_splits(data_dir: str, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
-    """An audiofolder-layout directory: ``<split>/metadata.csv`` with ``file_name`` and
-    ``transcription`` columns (``file_name`` alone without ``require_text``), audio paths relative
-    to the split folder. Rows whose audio file is missing are skipped and counted."""
+    """An audiofolder-layout directory: ``<split>/metadata.csv`` (UTF-8, a BOM allowed) with
+    ``file_name`` and ``transcription`` columns (``file_name`` alone without ``require_text``),
+    audio paths relative to the split folder. A ``file_name`` that leaves the split folder
+    (absolute, ``..``, or a symlink pointing outside) is refused before any audio is read; rows whose
+    audio file is missing, and repeated rows, are skipped and counted."""
     root = Path(data_dir)
     if not root.is_dir():
         raise MissingInput(f"--data_dir {data_dir!r} is not a directory: expected train/ validation/ test/ inside")
@@ -144,15 +146,22 @@ def load_local_splits(data_dir: str, wanted: tuple[str, ...] = SPLITS, require_t
         metadata = root / split / "metadata.csv"
         if not metadata.is_file():
             raise MissingInput(f"missing {metadata}: --data_dir needs {'/, '.join(wanted)}/ each with metadata.csv")
-        with open(metadata, newline="", encoding="utf-8") as f:
+        with open(metadata, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             missing_columns = ({"file_name", "transcription"} if require_text else {"file_name"}) - set(reader.fieldnames or ())
             if missing_columns:
                 raise UsageError(f"{metadata} lacks column(s) {sorted(missing_columns)}: expected file_name,transcription")
             rows = list(reader)
-        paths, texts, ids, missing = [], [], [], []
-        for row in rows:
-            path = root / split / row["file_name"]
+        paths, texts, ids, missing, repeated = [], [], [], [], 0
+        folder, seen = (root / split).resolve(), set()
+        for number, row in enumerate(rows, 2):
+            path = root / split / (row["file_name"] or "")
+            if Path(row["file_name"] or "").is_absolute() or not path.resolve().is_relative_to(folder):
+                raise UsageError(f"{metadata} line {number}: file_name {row['file_name']!r} leads outside {root / split}: expected a path inside the split folder")
+            if (row["file_name"], row.get("transcription")) in seen:
+                repeated += 1
+                continue
+            seen.add((row["file_name"], row.get("transcription")))
             if path.is_file():
                 paths.append(str(path))
                 texts.append(row.get("transcription") or "")
@@ -161,6 +170,8 @@ def load_local_splits(data_dir: str, wanted: tuple[str, ...] = SPLITS, require_t
                 missing.append(row["file_name"])
         if missing:
             logger.warning("%s: skipped %d of %d rows whose audio file is missing (e.g. %s)", metadata, len(missing), len(rows), missing[0])
+        if repeated:
+            logger.warning("%s: skipped %d repeated row(s)", metadata, repeated)
         splits[split] = _audio_text_dataset(paths, texts, ids)
     return DatasetDict(splits)
 

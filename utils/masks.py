@@ -251,6 +251,46 @@ def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").astype(bool)).reshape(shape)
 
 
+MAX_ZSTD_RATIO = 1 << 15  # the most a zstd frame can expand (a 4-byte RLE block holds 128 KiB): bounds what a file may claim
+
+
+def _claimed_bytes(path, metadata: dict, stored: dict[str, np.ndarray]) -> dict[str, int]:
+    """Packed bytes of each tensor, checked against what the file stores before anything is
+    allocated: malformed metadata, tensors of another dtype or rank, extra or missing tensors, and
+    shapes claiming more bits than the stored bytes can hold are refused in one line."""
+    import zstandard
+
+    shapes, encodings = metadata.get("shapes"), metadata.get("encodings")
+    if not isinstance(shapes, dict) or not isinstance(encodings, dict) or not isinstance(metadata.get("kept"), dict) or not isinstance(metadata.get("sha256"), str):
+        raise UsageError(f"{path}: mask metadata lacks a valid shapes, encodings, kept or sha256 entry: the file is corrupted")
+    if set(shapes) != set(stored) or set(encodings) != set(shapes):
+        odd = sorted(set(shapes) ^ set(stored)) or sorted(set(shapes) ^ set(encodings))
+        raise UsageError(f"{path}: the metadata and the stored tensors disagree on {odd[:3]}: the file is corrupted")
+    nbytes = {}
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise UsageError(f"{path}: tensor {name!r} has shape {shape!r}: expected a list of non-negative integers")
+        data = stored[name]
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise UsageError(f"{path}: tensor {name!r} is {data.dtype} with {data.ndim} dimension(s): expected 1-D uint8 packed bits")
+        need = math.ceil(math.prod(shape) / 8)
+        if encodings[name] == "packbits":
+            fits = need == data.size
+        elif encodings[name] == "zstd":
+            try:
+                declared = zstandard.frame_content_size(data[:18].tobytes())
+            except zstandard.ZstdError:
+                raise UsageError(f"{path}: tensor {name!r} is not a zstd frame: the file is corrupted") from None
+            fits = need <= MAX_ZSTD_RATIO * data.size and declared in (need, -1)
+        else:
+            raise UsageError(f"{path}: tensor {name!r} has encoding {encodings[name]!r}: expected packbits or zstd")
+        if not fits:
+            raise UsageError(f"{path}: tensor {name!r} claims shape {shape} ({math.prod(shape):,} weights) but stores {data.size:,} "
+                             f"{encodings[name]} bytes: refused before allocating anything")
+        nbytes[name] = need
+    return nbytes
+
+
 @dataclass
 class Mask:
     """A ticket's mask as one type: the bits of every tensor in one ``uint64`` buffer, each tensor
@@ -347,12 +387,13 @@ class Mask:
                 stored = {name: f.get_tensor(name) for name in f.keys()}
         except UsageError:
             raise
-        except Exception as err:  # safetensors raises several types for truncated or garbled files
+        except Exception as err:  # safetensors raises several types for truncated or garbled files; bad JSON too
             raise UsageError(f"{path} is not a readable mask file ({type(err).__name__}: {err}): expected a mask.safetensors written by run_prune.py") from err
-        if metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
-            raise UsageError(f"{path} has format {metadata.get('format')!r} v{metadata.get('format_version')}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
-        names = sorted(metadata["shapes"])
-        nbytes = {name: math.ceil(math.prod(metadata["shapes"][name]) / 8) for name in names}
+        if not isinstance(metadata, dict) or metadata.get("format") != MASK_FORMAT or metadata.get("format_version") != MASK_FORMAT_VERSION:
+            found = (metadata.get("format"), metadata.get("format_version")) if isinstance(metadata, dict) else (type(metadata).__name__, None)
+            raise UsageError(f"{path} has format {found[0]!r} v{found[1]}: expected {MASK_FORMAT!r} v{MASK_FORMAT_VERSION}")
+        nbytes = _claimed_bytes(path, metadata, stored)
+        names = sorted(nbytes)
         slices, total = {}, 0
         for name in names:
             slices[name] = slice(total, total + -(-nbytes[name] // 8))
