@@ -162,7 +162,7 @@ def main():
             print(f"{prefix} started", flush=True)
         elif event == "done":
             extra = ""
-            if job.record_base["kind"] == "transfer":
+            if job.record_base.kind == "transfer":
                 extra = f", test CER {100 * TransferResult.read(job.done).test_cer:.1f}%"
             print(f"{prefix} done in {detail.seconds or 0:.1f} s{extra}", flush=True)
         elif event == "failed":

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -128,9 +128,9 @@ class JobSpec:
     done: str
     record: str
     log: str
+    record_base: StepRecord  # what the plan knows of the step; the job's reports are added to it
     needs: tuple[str, ...] = ()
     resources: Resources = Resources()
-    record_base: dict = field(default_factory=dict)
     threads: Optional[int] = None
 
     @property
@@ -145,7 +145,7 @@ def read_record(path: str | Path) -> Optional[StepRecord]:
 
 def _record(spec: JobSpec, **values) -> StepRecord:
     """Update a step's record (the runner writes it first; the job then adds to it)."""
-    record = replace(read_record(spec.record) or StepRecord(**spec.record_base), **values)
+    record = replace(read_record(spec.record) or spec.record_base, **values)
     record.write(spec.record)
     return record
 
@@ -226,7 +226,7 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
     by_id = {job.id: job for job in jobs}
     while pending or pool.running:
         for job_id in pool.finished():
-            record = read_record(by_id[job_id].record) or StepRecord(**by_id[job_id].record_base)
+            record = read_record(by_id[job_id].record) or by_id[job_id].record_base
             if record.status == "done":
                 finished.add(job_id)
                 on_event("done", by_id[job_id], record)
@@ -240,7 +240,7 @@ def run_local(jobs: list[JobSpec], folder: Path, slots: int, gpus: int, on_event
                 blocked[job.id] = blocked.get(cause, cause)
                 on_event("blocked", job, blocked[job.id])
             elif all(n not in ids or n in finished for n in job.needs) and pool.can_start(job):
-                StepRecord(**job.record_base, status="queued", queued=time.time(), executor="local").write(job.record)
+                replace(job.record_base, status="queued", queued=time.time(), executor="local").write(job.record)
                 pool.start(job)
                 on_event("started", job, None)
             else:
@@ -324,5 +324,5 @@ def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str
     job_id = str(executor.submit(run_job, spec).job_id)
     record = read_record(spec.record)
     if record is None or record.job_id != job_id or record.status not in ("running", "done", "failed"):  # unless the job already began
-        StepRecord(**spec.record_base, status="queued", job_id=job_id, executor="slurm", queued=time.time()).write(spec.record)
+        replace(spec.record_base, status="queued", job_id=job_id, executor="slurm", queued=time.time()).write(spec.record)
     return job_id

@@ -436,7 +436,7 @@ def move_aside(config: StudyConfig, steps: list[Step], stamp: str) -> Path:
 def job_spec(config: StudyConfig, step: Step, threads: Optional[int] = None) -> JobSpec:
     """The job that runs ``step``: its command, log and record (see ``utils.executors.run_job``)."""
     resources = config.resources_of(step.kind)
-    base = {"id": step.id, "kind": step.kind, "command": shlex.join(step.argv), "settings": step.settings, "identity": step.identity, "needs": step.needs}
+    base = StepRecord(id=step.id, kind=step.kind, command=shlex.join(step.argv), settings=step.settings, identity=step.identity, needs=step.needs)
     return JobSpec(
         id=step.id, argv=[str(a) for a in step.argv], launch_len=step.launch_len, done=str(step.done),
         record=str(step_record_path(config.output_dir, step)), log=str(step_log_path(config.output_dir, step)),
@@ -451,16 +451,16 @@ def step_status(config: StudyConfig, steps: list[Step]) -> list[dict]:
     rows = []
     now = time.time()
     for step in steps:
-        record = read_record(step_record_path(config.output_dir, step)) or StepRecord(step.id, step.kind, "", {}, {}, [])
+        record = read_record(step_record_path(config.output_dir, step))
         state = states[step.id].state
         if state == "todo":
-            state = record.status if record.status in ("running", "queued", "failed") else "pending"
+            state = record.status if record and record.status in ("running", "queued", "failed") else "pending"
             if state == "running" and record.executor == "local" and not _alive(record.pid):
                 state = "pending"  # its runner was killed: a re-run starts it again
-        started, finished = record.started, record.finished
+        started, finished = (record.started, record.finished) if record else (None, None)
         elapsed = (finished or now) - started if started and state in ("running", "done", "stale", "failed") else None
-        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": record.job_id or "",
-                     "log": str(step_log_path(config.output_dir, step)) if record.command else "", "reason": states[step.id].reason})
+        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": (record and record.job_id) or "",
+                     "log": str(step_log_path(config.output_dir, step)) if record else "", "reason": states[step.id].reason})
     return rows
 
 
