@@ -35,7 +35,7 @@ from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, 
 from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
 from utils.records import TransferResult
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
-from utils.runs import run_cli
+from utils.runs import lock_folder, run_cli
 
 
 def check_flags(config) -> None:
@@ -106,6 +106,8 @@ def main():
     if args.status:
         print_status(step_status(config, steps))
         return
+    if not args.dry_run:  # one runner per study: a second one is refused, a killed one's lock taken over
+        lock_folder(config.output_dir, "the study's output_dir")
     if args.report_only:
         print(f"report: {aggregate(config, steps)}")
         return

@@ -83,13 +83,15 @@ def main():
         pairs=overall,
         layers=detail,
     )
-    summary.write(out / IOU_FILE)
 
     # 4. Pictures: the heatmap, and IoU per layer (against the base when there is one).
     sparsity = summary.sparsity
     plot_iou_heatmap(labels, matrix, random_matrix, f"Ticket IoU at {sparsity:.0%} sparsity", out / "iou_heatmap.png")
     pairs = [(label, "base") for label in labels if label != "base"] if args.base else [(r["a"], r["b"]) for r in overall]
     plot_layer_iou(detail, pairs, f"Per-layer IoU at {sparsity:.0%} sparsity", out / "iou_layers.png")
+
+    # 5. iou.json last: the file that marks the comparison done (a killed run re-runs whole).
+    summary.write(out / IOU_FILE)
     for row in overall:
         print(f"{row['a']:>6} vs {row['b']:<6} IoU {row['iou']:.4f} (random {row['random_iou']:.4f})")
     print(f"-> {out}")

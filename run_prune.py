@@ -22,7 +22,7 @@ from typing import Optional
 
 from utils.arguments import PruneArguments, parse_arguments
 from utils.errors import UsageError
-from utils.hub import mask_path_in_repo, push_mask, push_ticket
+from utils.hub import check_repo_id, mask_path_in_repo, push_mask, push_ticket
 from utils.languages import resolve_language
 from utils.layout import sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, Mask, check_sparsity
@@ -59,6 +59,9 @@ def main():
         raise UsageError(f"unknown --method {args.method!r}: expected one of {', '.join(PRUNE_METHODS)}")
     if args.push_to_hub and not args.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id ORG/NAME")
+    for flag in ("hub_model_id", "hub_mask_repo_id"):
+        if getattr(args, flag):
+            check_repo_id(getattr(args, flag), f"--{flag}")
     language = source_language(args)
     if args.hub_mask_repo_id and not language:
         raise UsageError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")

@@ -1,6 +1,10 @@
 import csv
+import io
+import json
 import logging
+import math
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from transformers import AutoConfig, Wav2Vec2FeatureExtractor
 
 from tests.conftest import TINY_CONFIG, make_fleurs_repo
 from utils.data import build_processor, load_fleurs_split, load_local_splits, normalize_splits
+from utils.errors import UsageError
 from utils.features import DataCollatorCTCWithPadding, prepare_features
 from utils.languages import resolve_language
 from utils.structure import frames_for_samples, receptive_field
@@ -119,6 +124,73 @@ def test_local_folder_counts_every_kind_of_bad_row(tmp_path, caplog):
     assert "1 unreadable audio" in log and "1 shorter than 400 samples" in log
 
 
+def _hostile_clips(folder: Path) -> dict[str, str]:
+    """Every kind of awkward audio file a shared corpus holds; name -> what must become of it."""
+    rng = np.random.default_rng(0)
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)).astype(np.float32)
+    sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
+    for name, bad in (("nan.wav", np.nan), ("inf.wav", np.inf)):
+        clip = tone.copy()
+        clip[rng.integers(16000)] = bad
+        sf.write(folder / name, clip, 16000, subtype="FLOAT")
+    sf.write(folder / "u8.wav", tone, 16000, subtype="PCM_U8")
+    sf.write(folder / "stereo.wav", np.stack([tone, -0.5 * tone], axis=1), 16000)
+    sf.write(folder / "48k.wav", (0.3 * np.sin(2 * np.pi * 220 * np.arange(48000) / 48000)), 48000)
+    sf.write(folder / "ok.wav", tone, 16000)
+    whole = (folder / "ok.wav").read_bytes()
+    (folder / "header.wav").write_bytes(whole[:30])  # truncated inside the header
+    (folder / "cut.wav").write_bytes(whole[:8044])  # truncated data: the first 0.25 s decode
+    sf.write(folder / "hour.wav", np.zeros(8000 * 3600, np.float32), 8000, subtype="PCM_U8")  # an hour, 29 MB
+    return {"empty.wav": "unreadable audio", "header.wav": "unreadable audio", "nan.wav": "non-finite samples (NaN or Inf)",
+            "inf.wav": "non-finite samples (NaN or Inf)", "hour.wav": "longer than 320000 samples",
+            "u8.wav": "", "stereo.wav": "", "48k.wav": "", "ok.wav": "", "cut.wav": ""}
+
+
+def test_hostile_audio_is_decoded_resampled_or_skipped_and_counted(tmp_path, caplog):
+    root = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        (root / split).mkdir(parents=True)
+        fate = _hostile_clips(root / split)
+        _write_split(root, split, [(name, "a clip") for name in fate])
+    raw = normalize_splits(load_local_splits(str(root)), resolve_language("en"))
+    processor = _processor(tmp_path, raw["train"]["text"])
+    config = AutoConfig.from_pretrained(TINY_CONFIG)
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare_features(raw, processor, lambda n: frames_for_samples(config, n), receptive_field(config), 16000 * 20)
+    kept = {row["id"]: row for row in prepared["train"]}
+    assert set(kept) == {name for name, why in fate.items() if not why}
+    assert "skipped 5 of 10 rows (2 unreadable audio, 2 non-finite samples (NaN or Inf), 1 longer than 320000 samples)" in caplog.text
+    extractor = processor.feature_extractor
+    tone = sf.read(root / "train" / "ok.wav", dtype="float32")[0]
+    expect = lambda clip: np.asarray(extractor(clip, sampling_rate=16000)["input_values"][0], np.float32)  # noqa: E731
+    stereo = sf.read(root / "train" / "stereo.wav", dtype="float32")[0]
+    np.testing.assert_allclose(kept["stereo.wav"]["input_values"], expect(stereo.mean(axis=1)), atol=1e-4)  # channels averaged
+    np.testing.assert_allclose(kept["u8.wav"]["input_values"], expect(tone), atol=0.05)  # 8-bit: the same tone, quantised
+    assert kept["48k.wav"]["input_length"] == 16000  # resampled from 48 kHz
+    np.testing.assert_allclose(kept["48k.wav"]["input_values"][100:-100], expect(tone)[100:-100], atol=0.01)
+    assert kept["cut.wav"]["input_length"] == 4000 and np.isfinite(kept["cut.wav"]["input_values"]).all()
+
+
+def test_a_training_run_over_hostile_audio_finishes(tmp_path, corpus_dir):
+    from tests.conftest import FAST, run_in_process
+
+    root = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        (root / split).mkdir(parents=True)
+        fate = _hostile_clips(root / split)
+        with open(corpus_dir / "en" / split / "metadata.csv", encoding="utf-8") as f:
+            good = list(csv.DictReader(f))[:16]
+        for row in good:
+            (root / split / row["file_name"]).hardlink_to(corpus_dir / "en" / split / row["file_name"])
+        _write_split(root, split, [(name, "a clip") for name in fate] + [(r["file_name"], r["transcription"]) for r in good])
+    out = tmp_path / "ft"
+    code = run_in_process("run_finetune.py", ["--language", "en", "--data_dir", str(root), "--output_dir", str(out), *FAST, "--max_steps", "3",
+                                              "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"])
+    assert code == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_samples"] == 21 and results["test_samples"] == 21 and math.isfinite(results["train_loss"])
+
+
 def test_local_folder_missing_split_is_a_clear_error(tmp_path):
     _write_split(tmp_path, "train", [])
     with pytest.raises(FileNotFoundError, match=r"validation/metadata.csv"):
@@ -159,6 +231,66 @@ def test_fleurs_loader_reads_offline_hub_cache(tmp_path, corpus_dir, monkeypatch
     assert Path(dev[0]["audio"]["path"]).name == "1000.wav"
     with pytest.raises(FileNotFoundError, match="cannot fetch FLEURS config 'xh_za'"):
         load_fleurs_split("xh_za", "train")
+
+
+def _hostile_tar(member: "tarfile.TarInfo", data: bytes = b"") -> bytes:
+    """A FLEURS-shaped dev archive: one good clip, then ``member``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        good = tarfile.TarInfo("dev/1000.wav")
+        good.size = 4
+        tar.addfile(good, io.BytesIO(b"RIFF"))
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return buf.getvalue()
+
+
+def _member(name, kind=tarfile.REGTYPE, target=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, target, 5 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("member, message", [
+    (_member("../../evil.wav"), "which leads outside its folder"),
+    (_member("dev/../../../evil.wav"), "which leads outside its folder"),
+    (_member("/tmp/evil.wav"), "which leads outside its folder"),
+    (_member("dev/link.wav", tarfile.SYMTYPE, "/etc/passwd"), "'dev/link.wav', a link"),
+    (_member("dev/hard.wav", tarfile.LNKTYPE, "../../outside"), "'dev/hard.wav', a link"),
+    (_member("dev/null.wav", tarfile.CHRTYPE), "a device or special file"),
+    (_member("dev/fifo.wav", tarfile.FIFOTYPE), "a device or special file"),
+])
+def test_hostile_fleurs_archives_write_nothing_outside_their_folder(tmp_path, monkeypatch, member, message):
+    import huggingface_hub.constants as hub_constants
+
+    from tests.hub_cache import add_offline_repo
+
+    hub = tmp_path / "deep" / "er" / "hub"  # '../../evil.wav' from the extraction folder would land inside tmp_path
+    tsv = "0\t1000.wav\tA.\ta\tx\t16000\tFEMALE\n".encode()
+    add_offline_repo(hub, "google/fleurs", "dataset", {"data/ca_es/dev.tsv": tsv, "data/ca_es/audio/dev.tar.gz": _hostile_tar(member, b"evil!")})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    before = {p for p in tmp_path.rglob("*")}
+    with pytest.raises(UsageError) as err:
+        load_fleurs_split("ca_es", "dev")
+    assert message in str(err.value) and "refused, nothing extracted" in str(err.value) and "\n" not in str(err.value)
+    after = {p for p in tmp_path.rglob("*")}
+    assert after == before  # nothing written anywhere: no extracted folder, no half-extracted temp folder
+    assert not Path("/tmp/evil.wav").exists()
+
+
+def test_a_corrupted_archive_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    from tests.hub_cache import add_offline_repo
+
+    good = _hostile_tar(_member("dev/1001.wav"), b"abcde")
+    add_offline_repo(tmp_path / "hub", "google/fleurs", "dataset", {"data/ca_es/dev.tsv": b"0\t1000.wav\tA.\ta\n",
+                                                                    "data/ca_es/audio/dev.tar.gz": good[: len(good) // 2]})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="cannot be extracted .*the download is corrupted"):
+        load_fleurs_split("ca_es", "dev")
+    assert not [p for p in (tmp_path / "hub").rglob("*") if ".extracted" in p.name]
 
 
 def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, monkeypatch, caplog):

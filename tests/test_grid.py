@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, files_containing, grid, result_row, study_config, write_study
 from utils.grid import load_config, plan
@@ -36,6 +38,22 @@ def test_config_errors_come_before_any_work(tmp_path):
         ({"transfer": {"train_epoch": 3}}, "section 'transfer' has unknown flag(s) ['train_epoch']"),
         ({"ctc_pretrain": {"mixture": {"en": 1.0}}}, "'ctc_pretrain' needs data.dataset_name: generated"),
         ({"seeds": [0, 1, 0]}, "give seed(s) [0] more than once"),
+        # wrong types, nested junk and templates with other fields
+        ({"upstream": "en"}, "grid config upstream is a string 'en': expected a list of strings"),
+        ({"upstream": [False]}, "upstream[0] is a boolean False: expected a string (quote it"),
+        ({"sparsities": 0.8}, "grid config sparsities is a number 0.8: expected a list of numbers"),
+        ({"seeds": ["0"]}, "grid config seeds[0] is a string '0': expected an integer"),
+        ({"data": [1, 2]}, "grid config data is a list: expected a mapping"),
+        ({"prune_base": "yes"}, "grid config prune_base is a string 'yes': expected a boolean"),
+        ({"finetune": {"learning_rate": {"value": 1e-3}}}, "grid config finetune.learning_rate is a mapping: expected a flag value"),
+        ({"transfer": {"train_epochs": [[1]]}}, "grid config transfer.train_epochs is a list: expected a flag value"),
+        ({"transfer": {"train_epochs": None}}, "grid config transfer.train_epochs is empty None: expected a flag value"),
+        ({"bases": {"a": ["en"]}}, "grid config bases.a is a list: expected a mapping"),
+        ({"resources": {"prune": {"cpus": "two"}}}, "resources.prune.cpus 'two': expected a positive integer"),
+        ({"slurm": "gpu"}, "grid config slurm is a string 'gpu': expected a mapping"),
+        ({"data": {"data_dir": "/corpora/{lang}"}}, "data.data_dir '/corpora/{lang}' uses the template field {lang}: only {language} is filled in"),
+        ({"data": {"data_dir": "/corpora/{language}/{0}"}}, "uses the template field {0}"),
+        ({"data": {"data_dir": "/corpora/{language"}}, "data.data_dir '/corpora/{language' is not a valid template"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError) as err:
@@ -45,6 +63,36 @@ def test_config_errors_come_before_any_work(tmp_path):
     result = grid(write_study(tmp_path, seeds=[3, 3]), timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: grid config seeds [3, 3] give seed(s) [3] more than once")
     assert not (tmp_path / "study").exists()
+
+
+junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+SECTIONS = ["upstream", "downstream", "sparsities", "seeds", "data", "finetune", "prune", "transfer", "resources", "slurm", "bases",
+            "ctc_pretrain", "ssl_pretrain", "dominant", "prune_base", "launcher", "note", "model"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)  # the same examples on every run
+@given(section=st.sampled_from(SECTIONS), inner=st.booleans(), value=junk)
+def test_junk_anywhere_in_a_config_is_one_usage_error(tmp_path_factory, section, inner, value):
+    """Any value of any type at any top-level key or inside any section: the config loads and
+    plans, or is refused with a one-line UsageError; never another exception."""
+    from run_grid import check_flags
+    from utils.errors import UsageError
+
+    tmp_path = tmp_path_factory.mktemp("junk")
+    config = study_config(tmp_path)
+    if inner and isinstance(config.get(section), dict):
+        config[section] = dict(config[section], junk_key=value)
+    else:
+        config[section] = value
+    path = tmp_path / "junk.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        loaded = load_config(str(path))
+        check_flags(loaded)
+        plan(loaded)
+    except UsageError as err:
+        assert "\n" not in str(err) and str(err)
 
 
 def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):

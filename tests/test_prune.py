@@ -9,12 +9,14 @@ import sys
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from tests.conftest import ROOT, TINY_CONFIG, files_containing
 from tests.hub_server import TOKEN, HubServer
-from utils.masks import parse_reference
-from utils.masks import Mask, prunable_parameters
+from utils.errors import UsageError
+from utils.masks import Mask, parse_reference, prunable_parameters
 
 
 def run_prune(args, env=None):
@@ -100,6 +102,8 @@ def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path):
         (["--prune_scope", "everything"], "unknown --prune_scope 'everything'"),
         (["--method", "snip"], "unknown --method 'snip'"),
         (["--hub_mask_repo_id", "me/masks"], "--hub_mask_repo_id needs --language"),
+        (["--hub_mask_repo_id", "me/../masks", "--language", "en"], "--hub_mask_repo_id 'me/../masks' is not a valid repo id"),
+        (["--push_to_hub", "--hub_model_id", "me/ticket/x"], "--hub_model_id 'me/ticket/x' is not a valid repo id"),
     ]
     for extra, message in cases:
         result = run_prune(["--model_name_or_path", str(source), "--output_dir", str(out), *extra])
@@ -117,15 +121,49 @@ def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path):
         ("hf://datasets/me/masks/masks/en/sparsity-0.80.safetensors", ("me/masks", "dataset", "masks/en/sparsity-0.80.safetensors", None)),
         ("hf://me/ticket@v1", ("me/ticket", "model", "mask.safetensors", "v1")),
         ("me/ticket@abc123", ("me/ticket", "model", "mask.safetensors", "abc123")),
+        ("me/ticket@refs/pr/3", ("me/ticket", "model", "mask.safetensors", "refs/pr/3")),
+        ("me/masks@refs/pr/3:masks/en/a.safetensors", ("me/masks", "dataset", "masks/en/a.safetensors", "refs/pr/3")),
     ],
 )
 def test_mask_references(reference, parsed):
     assert parse_reference(reference) == parsed
 
 
-def test_bad_reference():
-    with pytest.raises(ValueError, match="is not an existing path"):
-        parse_reference("not a repo")
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ("not a repo", "is not an existing path nor a Hub reference"),
+        ("a/b/c", "is not an existing path nor a Hub reference"),
+        ("me/ticket@", "is not an existing path nor a Hub reference"),
+        ("me/ticket@v1@v2", "is not an existing path nor a Hub reference"),
+        ("me/ticket@bad rev", "is not an existing path nor a Hub reference"),
+        ("-me/ticket", "names '-me/ticket', not a valid repo id"),
+        ("me--x/ticket", "not a valid repo id (Cannot have -- or .."),
+        ("me/" + "x" * 100, "not a valid repo id"),
+        ("me/masks:../../etc/passwd", "has the path '../../etc/passwd': expected a relative path inside the repo"),
+        ("me/masks:/etc/passwd", "has the path '/etc/passwd'"),
+        ("hf://datasets/me/masks/a//b", "has the path 'a//b'"),
+        ("hf://datasets/me/masks", "names a dataset repo but no file in it"),
+    ],
+)
+def test_bad_references_name_the_reference_and_the_accepted_forms(reference, message):
+    with pytest.raises(UsageError) as err:
+        parse_reference(reference)
+    text = str(err.value)
+    assert message in text and repr(reference) in text and "\n" not in text
+    assert "ORG/NAME[@REV]" in text or "hf://datasets/ORG/NAME/PATH" in text
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(alphabet="ab-_./:@ \\%~\u00e9", max_size=24))
+def test_any_reference_parses_to_a_safe_hub_path_or_one_usage_error(reference):
+    try:
+        repo_id, repo_type, path, revision = parse_reference(reference)
+    except UsageError as err:
+        assert "\n" not in str(err)
+        return
+    assert repo_type in ("model", "dataset") and repo_id.count("/") == 1
+    assert not path.startswith("/") and ".." not in path.split("/") and "" not in path.split("/")
 
 
 LOAD_FROM_HUB = r"""

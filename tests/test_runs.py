@@ -11,12 +11,58 @@ def test_claim_new_same_and_different(tmp_path):
     signature = {"script": "run_finetune.py", "language": "en"}
     assert claim_output_dir(str(out), signature) is None
     assert json.loads((out / SIGNATURE_FILE).read_text()) == signature
-    (out / "checkpoint-10").mkdir()
-    (out / "checkpoint-20").mkdir()
+    for step in (10, 20, 30, 40):
+        (out / f"checkpoint-{step}").mkdir()
+        (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+    for step in (10, 20):
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (out / "checkpoint-30" / "trainer_state.json").write_text('{"global_st')  # torn: killed while writing it
+    # checkpoint-40 has no trainer_state.json: the Trainer writes it last, so the save never finished
     assert claim_output_dir(str(out), signature).endswith("checkpoint-20")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]  # no reader takes them for complete
     with pytest.raises(FileExistsError, match=r"holds a different run \(language: 'en' there, 'de' now\)"):
         claim_output_dir(str(out), {"script": "run_finetune.py", "language": "de"})
     assert json.loads((out / SIGNATURE_FILE).read_text()) == signature
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from utils.runs import lock_folder
+lock_folder(sys.argv[2])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, caplog):
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from utils.runs import lock_paths, release_locks
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError) as err:
+            claim_output_dir(str(out), {"script": "x"})
+        assert f"output_dir {str(out)!r} is in use by process {holder.pid} on " in str(err.value) and "wait for it to finish" in str(err.value)
+        assert not out.exists()  # refused before anything was written
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level(logging.WARNING):
+        assert claim_output_dir(str(out), {"script": "x"}) is None
+    assert f"took over the lock of {out} left by process {holder.pid}" in caplog.text
+    lock, owner = lock_paths(out)
+    assert json.loads(owner.read_text())["pid"] == os.getpid()
+    release_locks()
+    assert lock.exists() and not owner.exists()  # released: the next run takes it without a message
 
 
 def test_claim_refuses_foreign_directory(tmp_path):

@@ -14,7 +14,10 @@ import csv
 import json
 import logging
 import os
+import shutil
+import string
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,7 +26,7 @@ from datasets import Audio, Dataset, DatasetDict, load_dataset
 from huggingface_hub import hf_hub_download
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-from .errors import MissingInput, UsageError
+from .errors import MissingInput, UsageError, is_disk_full
 from .languages import Language
 from .runs import atomic_open, replace_dir_atomic
 from .text import PAD, SAMPLING_RATE, UNK, WORD_DELIMITER, build_vocab, normalize_text, unseen_chars
@@ -81,6 +84,22 @@ class DataArguments:
     )
     generated_num_train: int = field(default=2000, metadata={"help": "Generated training utterances per language."})
     generated_num_eval: int = field(default=200, metadata={"help": "Generated validation/test utterances per language."})
+
+
+def fill_language(value: str, code: str, where: str = "value") -> str:
+    """A dataset flag with ``{language}`` replaced by ``code`` (one ``data_dir`` per language, say):
+    the grid's data values and run_pretrain.py's mixture sources. Any other template field, or a
+    lone brace, is refused in one line naming the value."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as err:
+        raise UsageError(f"{where} {value!r} is not a valid template ({err}): write {{language}} for the language code, "
+                         "{{ and }} for literal braces") from None
+    other = [name for name in names if name != "language"]
+    if other:
+        raise UsageError(f"{where} {value!r} uses the template field {{{other[0]}}}: only {{language}} is filled in "
+                         "(write {{ and }} for literal braces)")
+    return value.format(language=code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +231,36 @@ def load_fleurs_split(config: str, split: str, revision: Optional[str] = None) -
     return _audio_text_dataset(paths, texts, ids)
 
 
+def _check_members(archive: str, tar: tarfile.TarFile) -> None:
+    """An audio archive holds regular files and folders under relative paths, nothing else: a
+    member with an absolute path, a ``..`` part, a link or a device refuses the whole archive
+    before anything is written."""
+    for member in tar:
+        parts = member.name.replace("\\", "/").split("/")
+        if member.name.startswith(("/", "\\")) or ".." in parts:
+            raise UsageError(f"archive {archive} holds {member.name!r}, which leads outside its folder: refused, nothing extracted")
+        if not (member.isfile() or member.isdir()):
+            kind = "a link" if member.issym() or member.islnk() else "a device or special file"
+            raise UsageError(f"archive {archive} holds {member.name!r}, {kind}: expected regular audio files only; refused, nothing extracted")
+
+
 def _extract_once(archive: str) -> Path:
-    """Extract ``archive`` beside the resolved cache blob, atomically, and reuse it afterwards."""
+    """Extract ``archive`` beside the resolved cache blob, atomically, and reuse it afterwards. Its
+    members are checked first (``_check_members``); tarfile's ``data`` filter guards the extraction too."""
     target = Path(os.path.realpath(archive) + ".extracted")
     if not target.is_dir():
         tmp = Path(f"{target}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        try:
+            with tarfile.open(archive) as tar:
+                _check_members(archive, tar)
+                tmp.mkdir(parents=True, exist_ok=True)
+                tar.extractall(tmp, filter="data")
+        except BaseException as err:  # nothing half-extracted stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, (tarfile.TarError, EOFError, zlib.error)) or (isinstance(err, OSError) and not is_disk_full(err)):
+                raise UsageError(f"archive {archive} cannot be extracted ({type(err).__name__}: {err}): the download is corrupted, "
+                                 "delete it and re-run") from err
+            raise
         replace_dir_atomic(tmp, target)
     return target
 

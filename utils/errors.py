@@ -1,5 +1,26 @@
 """The deliberate error types of bad input. ``run_cli`` prints these as one ``error: ...`` line
-and exits with code 2; any other exception is a bug and keeps its traceback."""
+and exits with code 2; so it does a full disk (``is_disk_full``); any other exception is a bug and
+keeps its traceback."""
+
+import errno
+import re
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # no space, a file-size limit (ulimit -f), a quota
+# How writers that do not raise OSError say the same: safetensors (Rust), torch.save (PyTorchStreamWriter).
+_DISK_FULL_TEXT = re.compile(r"os error (?:%s)\b|No space left on device|File too large|Disk quota exceeded|file write failed|unexpected pos \d+ vs \d+"
+                             % "|".join(str(e) for e in sorted(DISK_FULL_ERRNOS)))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a write refused for want of space, by a file-size
+    limit or by a quota."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS) or _DISK_FULL_TEXT.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class UsageError(ValueError):

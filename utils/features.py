@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +26,21 @@ from .text import SAMPLING_RATE
 
 logger = logging.getLogger(__name__)
 
-FEATURES_VERSION = 2  # bump when featurize changes what it writes: old cached features are then ignored
+FEATURES_VERSION = 3  # bump when featurize changes what it writes: old cached features are then ignored
+
+
+def header_seconds(audio: dict) -> Optional[float]:
+    """A clip's duration from its header alone (WAV, FLAC, OGG, MP3 through libsndfile), or None
+    when the header cannot tell: lets an hour-long clip be skipped without decoding it."""
+    import io
+
+    import soundfile
+
+    try:
+        source = audio.get("path") if not audio.get("bytes") else io.BytesIO(audio["bytes"])
+        return soundfile.info(source).duration if source else None
+    except Exception:  # libsndfile cannot read this header: the decoder decides
+        return None
 
 
 def features_fingerprint(split: Dataset, processor: Union[Wav2Vec2Processor, Wav2Vec2FeatureExtractor], limits: dict) -> str:
@@ -60,9 +75,10 @@ def prepare_features(
     cache_key: Optional[dict] = None,
     min_frames: int = 1,
 ) -> DatasetDict:
-    """Decode audio (16 kHz), extract the model's input (``input_values`` of raw-waveform families,
+    """Decode audio (16 kHz, mono: other rates are resampled, channels averaged), extract the model's input (``input_values`` of raw-waveform families,
     log-mel ``input_features`` of w2v-BERT: whatever the extractor names first), tokenise ``labels`` and filter, logging a
-    count per reason: unreadable audio, too short (under the receptive field ``min_samples`` or
+    count per reason: unreadable audio (an empty or truncated file too), NaN or Inf samples, too long (from the
+    header when it tells, before decoding), too short (under the receptive field ``min_samples`` or
     ``--min_duration``), too long, fewer output frames than label tokens (CTC cannot align) or
     than ``min_frames``. Given a bare feature extractor (pretraining), ``labels`` stay empty.
 
@@ -78,11 +94,16 @@ def prepare_features(
     empty = np.zeros((0, extractor.feature_size * getattr(extractor, "stride", 1)) if log_mel else 0, np.float32)
 
     def featurize(row):
+        seconds = header_seconds(row["audio"])
+        if seconds is not None and math.floor(seconds * SAMPLING_RATE) > max_samples:  # not decoded: bounded time and memory
+            return {input_name: empty, "labels": [], "input_length": math.floor(seconds * SAMPLING_RATE), "skip": f"longer than {max_samples} samples"}
         try:
             array = decoder.decode_example(row["audio"])["array"]
         except Exception:  # any decoder failure means the same thing: this file cannot be used
             return {input_name: empty, "labels": [], "input_length": 0, "skip": "unreadable audio"}
         n = len(array)
+        if not np.isfinite(array).all():
+            return {input_name: empty, "labels": [], "input_length": n, "skip": "non-finite samples (NaN or Inf)"}
         if n < min_samples:  # too short to extract (log-mel needs two windows): skipped below
             return {input_name: empty, "labels": [], "input_length": n, "skip": f"shorter than {min_samples} samples"}
         inputs = np.asarray(extractor(array, sampling_rate=SAMPLING_RATE)[input_name][0], np.float32)

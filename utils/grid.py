@@ -33,9 +33,9 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .data import GENERATED_CORPUS_DIR
+from .data import GENERATED_CORPUS_DIR, fill_language
 from .errors import MissingInput, UsageError
 from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
@@ -109,6 +109,81 @@ def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return _read_config(parent_path, seen + (os.path.realpath(path),)) | raw
 
 
+FLAG_SECTIONS = ("data", "finetune", "prune", "transfer", "ctc_pretrain", "ssl_pretrain")  # flags handed to scripts
+MIXTURE_KEY = "mixture"  # the one flag-section entry that is a mapping (ctc_pretrain, bases)
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping", type(None): "empty"}
+    return f"{names.get(type(value), type(value).__name__)} {value!r}" if not isinstance(value, (list, dict)) else names[type(value)]
+
+
+def _expected(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + " (or nothing)"
+    if origin is list:
+        return f"a list of {_expected(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping" + ("" if args[1] is Any else f" of names to {_expected(args[1]).removeprefix('a ')}s")
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}.get(hint, "a value")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """``value`` has the type ``hint`` names (str, bool, int, float, list[...], dict[str, ...],
+    Optional[...], Any); otherwise one line naming ``where``, what is there and what was expected."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return
+    if origin is Union:
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    ok = {list: isinstance(value, list), dict: isinstance(value, dict)}.get(origin) if origin else {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        quote = " (quote it: YAML reads no, yes, on and off as booleans)" if hint is str and isinstance(value, bool) else ""
+        raise UsageError(f"grid config {where} is {_kind(value)}: expected {_expected(hint)}{quote}")
+    if origin is list:
+        for i, item in enumerate(value):
+            _check_type(item, args[0], f"{where}[{i}]")
+    elif origin is dict:
+        for key, item in value.items():
+            _check_type(key, str, f"{where} key {key!r}")
+            _check_type(item, args[1], f"{where}.{key}")
+
+
+def _check_flag_section(section: dict, where: str) -> None:
+    """Flags handed to a script: each a number, string or boolean, or a list of them (its mixture a mapping)."""
+    for key, value in section.items():
+        if key == MIXTURE_KEY and isinstance(value, (dict, list)):
+            continue
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, (str, int, float)) for v in items):
+            raise UsageError(f"grid config {where}.{key} is {_kind(value)}: expected a flag value (a number, string or boolean, or a non-empty list of them)")
+
+
+def _check_types(raw: dict[str, Any], path: str) -> None:
+    """Every top-level setting of the type ``StudyConfig`` declares, flag sections holding flag
+    values, and ``{language}`` the only template field of a data value: one line, before any work."""
+    hints = get_type_hints(StudyConfig)
+    for key, value in raw.items():
+        _check_type(value, hints[key], key)
+    for section in FLAG_SECTIONS:
+        _check_flag_section(raw.get(section) or {}, section)
+    for name, settings in (raw.get("bases") or {}).items():
+        _check_flag_section(settings, f"bases.{name}")
+    for key, value in (raw.get("data") or {}).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                fill_language(item, "en", f"grid config data.{key}")
+
+
 def load_config(path: str) -> StudyConfig:
     """Read and validate a study config; every problem is one clear error before any work."""
     raw = _read_config(path)
@@ -122,6 +197,7 @@ def load_config(path: str) -> StudyConfig:
     missing = sorted(f.name for f in fields(StudyConfig) if f.name in required and f.name not in raw)
     if missing:
         raise UsageError(f"grid config {path!r} lacks {missing}")
+    _check_types(raw, path)
     config = StudyConfig(**raw)
     # A Hub token in a section goes to the environment the steps inherit, never into their
     # command lines, records or logs.
@@ -235,7 +311,7 @@ def _flags(settings: dict[str, Any]) -> list[str]:
 def _data_flags(data: dict[str, Any], language: str) -> dict[str, Any]:
     """Dataset flags for one language: ``{language}`` in a value becomes its code (a local
     ``data_dir`` per language, say)."""
-    return {k: v.format(language=language) if isinstance(v, str) else v for k, v in data.items()}
+    return {k: fill_language(v, language, f"grid config data.{k}") if isinstance(v, str) else v for k, v in data.items()}
 
 
 class _Planner:

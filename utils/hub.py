@@ -14,6 +14,7 @@ from typing import Optional, Union
 from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
+from .errors import UsageError
 from .layout import sparsity_dirname
 from .runs import explain_hub_error
 
@@ -104,6 +105,18 @@ source model, checksum). No pickle.
 
 # ---------------------------------------------------------------------------------------------
 # Pushes
+
+
+def check_repo_id(repo_id: str, flag: str) -> str:
+    """A repo id to push to, checked by huggingface_hub's rules before any work: one line otherwise."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id ({err}): expected ORG/NAME or NAME") from None
+    return repo_id
 
 
 def push_ticket(ticket_dir: Union[str, os.PathLike], repo_id: str, token: Optional[str] = None, private: Optional[bool] = None) -> str:

@@ -429,31 +429,41 @@ class Mask:
 # ---------------------------------------------------------------------------------------------
 # References: where a mask is read from
 
-_REPO = r"[\w.-]+/[\w.-]+"
+_REPO = r"[^/@:\s]+/[^/@:\s]+"  # then checked by huggingface_hub's own repo-id rules
+_REVISION = r"refs/(?:pr/\d+|convert/[\w.-]+)|[\w.-]+"  # a branch, tag or commit; a pull request or conversion ref
+REFERENCE_FORMS = ("a local path, ORG/NAME[@REV] (a ticket repo), ORG/NAME[@REV]:PATH (a file of a masks dataset repo), "
+                   "or hf://[datasets/]ORG/NAME[@REV][/PATH]")
 
 
 def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
-    """``(repo_id, repo_type, path_in_repo, revision)`` of a Hub mask reference."""
-    ref = reference.strip()
-    repo_type = "model"
+    """``(repo_id, repo_type, path_in_repo, revision)`` of a Hub mask reference. A malformed repo
+    id, revision or path is refused in one line naming the reference and the accepted forms."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    ref, repo_type = reference.strip(), "model"
     if ref.startswith("hf://"):
         ref = ref[len("hf://") :]
         if ref.startswith("datasets/"):
             repo_type, ref = "dataset", ref[len("datasets/") :]
-        match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?:/(.+))?", ref)
-        if not match:
-            raise UsageError(f"mask reference {reference!r} is not hf://[datasets/]ORG/NAME[@REV][/PATH]")
-        repo_id, revision, path = match.groups()
-        if repo_type == "dataset" and not path:
-            raise UsageError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
-        return repo_id, repo_type, path or MASK_FILE, revision
-    match = re.fullmatch(rf"({_REPO})(?:@([\w.-]+))?(?::(.+))?", ref)
+        match = re.fullmatch(rf"({_REPO})(?:@({_REVISION}))?(?:/(.+))?", ref)
+    else:
+        match = re.fullmatch(rf"({_REPO})(?:@({_REVISION}))?(?::(.+))?", ref)
+        if match and match.group(3):
+            repo_type = "dataset"
     if not match:
-        raise UsageError(
-            f"mask reference {reference!r} is not an existing path, ORG/NAME (ticket repo), ORG/NAME:PATH (masks dataset) or hf://..."
-        )
+        raise UsageError(f"mask reference {reference!r} is not an existing path nor a Hub reference: expected {REFERENCE_FORMS}")
     repo_id, revision, path = match.groups()
-    return repo_id, ("dataset" if path else "model"), path or MASK_FILE, revision
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(f"mask reference {reference!r} names {repo_id!r}, not a valid repo id ({err}): expected {REFERENCE_FORMS}") from None
+    if path is not None and (path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))):
+        raise UsageError(f"mask reference {reference!r} has the path {path!r}: expected a relative path inside the repo (no '..', "
+                         f"empty or absolute parts); references are {REFERENCE_FORMS}")
+    if repo_type == "dataset" and not path:
+        raise UsageError(f"mask reference {reference!r} names a dataset repo but no file in it: expected hf://datasets/ORG/NAME/PATH")
+    return repo_id, repo_type, path or MASK_FILE, revision
 
 
 def resolve_mask(reference: Union[str, os.PathLike]) -> Path:

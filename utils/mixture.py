@@ -145,7 +145,7 @@ def load_mixture_splits(
 
     from datasets import DatasetDict, concatenate_datasets
 
-    from .data import load_raw_splits
+    from .data import fill_language, load_raw_splits
     from .features import vectorize_splits
     from .text import SAMPLING_RATE
 
@@ -153,8 +153,8 @@ def load_mixture_splits(
     for code in shares:
         args = dataclasses.replace(
             data_args,
-            data_dir=data_args.data_dir.replace("{language}", code) if data_args.data_dir else None,
-            dataset_config_name=(data_args.dataset_config_name or "").replace("{language}", code) or None,
+            data_dir=fill_language(data_args.data_dir, code, "--data_dir") if data_args.data_dir else None,
+            dataset_config_name=fill_language(data_args.dataset_config_name, code, "--dataset_config_name") if data_args.dataset_config_name else None,
         )
         raw = load_raw_splits(args, resolve_language(code), wanted=("train", "validation"), require_text=False)
         per_language[code] = vectorize_splits(raw, feature_extractor, model_config, data_args, min_frames)

@@ -10,18 +10,27 @@ wrote, is refused before anything is written, naming the first setting that diff
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import OutputConflict, UsageError
+from .errors import OutputConflict, UsageError, is_disk_full
+
+logger = logging.getLogger(__name__)
 
 SIGNATURE_FILE = "run_signature.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folders
+CHECKPOINT_DONE_FILE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
 
 # Fields that decide where results go, how progress is shown, or how memory and devices are used,
 # never what is computed. Everything else a script parses is part of its run's identity.
@@ -124,13 +133,92 @@ def describe_difference(difference: tuple[str, Any, Any, int]) -> str:
     return f"{key}: {old!r} there, {new!r} now{more}"
 
 
+# ---------------------------------------------------------------------------------------------
+# One run at a time per output folder
+
+_HELD: dict[str, Any] = {}  # lock path -> the lock this process holds until it exits
+
+
+def lock_paths(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """The lock file of ``folder`` and the file naming its holder, beside it (not inside: nothing
+    of ours enters a folder that is pushed, moved aside or replaced whole)."""
+    path = Path(os.path.abspath(folder))
+    return path.parent / f".{path.name}.lock", path.parent / f".{path.name}.lock.json"
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "output_dir") -> None:
+    """Hold an exclusive lock on ``folder`` until this process ends (``filelock``'s ``flock``, which
+    the kernel releases when a process dies). A folder locked by a live process is refused in one
+    line naming it; the lock of a process that was killed is taken over with a message."""
+    from filelock import FileLock, Timeout
+
+    lock_path, owner_path = lock_paths(folder)
+    if str(lock_path) in _HELD:
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = _read_owner(owner_path)
+        raise OutputConflict(f"{what} {str(folder)!r} is in use by process {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                             f"(started {owner.get('started', '?')}): wait for it to finish, or choose another {what}") from None
+    previous = _read_owner(owner_path)
+    if previous:  # its holder ended without releasing: killed
+        logger.warning("took over the lock of %s left by process %s on %s (started %s), which is no longer running",
+                       folder, previous.get("pid"), previous.get("host"), previous.get("started"))
+    write_json_atomic(owner_path, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    _HELD[str(lock_path)] = (lock, owner_path)
+
+
+@atexit.register
+def release_locks() -> None:
+    """Release every folder lock this process holds (a script's end; ``run_cli`` calls it)."""
+    while _HELD:
+        _, (lock, owner_path) = _HELD.popitem()
+        owner_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_owner(path: Path) -> dict:
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming an output folder, resuming its last complete checkpoint
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, remove_incomplete: bool = True) -> Optional[str]:
+    """The Trainer checkpoint to resume: the highest-numbered one whose ``trainer_state.json`` (the
+    file the Trainer writes last) is whole. Later ones were cut short by a kill or a full disk;
+    they are removed (``remove_incomplete``, the main process) so no reader takes them for complete."""
+    folder = Path(output_dir)
+    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else []) if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name)))
+    for _, checkpoint in reversed(found):
+        try:
+            json.loads((checkpoint / CHECKPOINT_DONE_FILE).read_text(encoding="utf-8"))["global_step"]
+            return str(checkpoint)
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("%s is incomplete (its writer was killed or ran out of space): %s", checkpoint, "removed" if remove_incomplete else "skipped")
+            if remove_incomplete:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
 def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process: bool = True) -> Optional[str]:
-    """Check that ``output_dir`` is empty or holds this same run; return its last checkpoint, if any.
+    """Lock ``output_dir`` (the main process) and check that it is empty or holds this same run;
+    return its last complete checkpoint, if any.
 
     Raises ``FileExistsError`` naming the first differing setting when the directory belongs to
-    another run. The main process records the signature.
+    another run, or the process using it. The main process records the signature.
     """
     path = Path(output_dir)
+    if is_main_process:
+        lock_folder(path)
     signature_path = path / SIGNATURE_FILE
     if signature_path.is_file():
         recorded = json.loads(signature_path.read_text(encoding="utf-8"))
@@ -146,9 +234,7 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
         )
     if is_main_process:
         write_json_atomic(signature_path, signature)
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if path.is_dir() else None
+    return last_complete_checkpoint(output_dir, remove_incomplete=is_main_process)
 
 
 class HubError(UsageError):
@@ -196,7 +282,8 @@ def hide_token(token: Optional[str]) -> None:
 
 
 def run_cli(main) -> None:
-    """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit code 2."""
+    """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit
+    code 2; a full disk (or file-size limit, or quota) with one line too, exit code 1."""
     import sys
 
     try:
@@ -204,6 +291,15 @@ def run_cli(main) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        where = next((e.filename for e in (err, err.__cause__, err.__context__) if getattr(e, "filename", None)), None)
+        print(f"error: out of disk space{f' writing {where}' if where else ''} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+              "free space (or raise the file-size limit) and re-run the same command; complete files were kept, partial ones removed", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        release_locks()
 
 
 def setup_logging(should_log: bool) -> None:

@@ -90,28 +90,39 @@ def build_tickets(
         apply_mask(model, masks[sparsity])
         out = targets[sparsity]
         tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        info = {
-            "sparsity": sparsity,
-            "scope": spec.scope,
-            "method": spec.method,
-            "layerwise": spec.layerwise,
-            "seed": spec.seed,
-            "language": language,
-            "source_model": source,
-            "source_revision": getattr(model.config, "_commit_hash", None),
-            "model_type": model.config.model_type,
-        }
-        infos[sparsity] = Mask.save(tmp / MASK_FILE, masks[sparsity], info, compress=compress)
-        write_ticket_card(tmp, infos[sparsity])
-        write_json_atomic(tmp / "run_signature.json", ticket_signature(source, revision, spec, sparsity))
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+        try:
+            infos[sparsity] = _write_ticket(tmp, model, processor, masks[sparsity], source, revision, spec, sparsity, language, compress)
+        except BaseException:  # a full disk, say: no half ticket stays behind; tickets already renamed into place are whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if out.exists():  # the same ticket, interrupted before its mask was written
             shutil.rmtree(out)
         tmp.rename(out)
         logger.info("ticket %s: %d of %d weights kept (%.4f sparsity)", out, infos[sparsity]["kept_total"], infos[sparsity]["total"], infos[sparsity]["actual_sparsity"])
     return infos
+
+
+def _write_ticket(tmp: Path, model, processor, mask: dict, source: str, revision: str, spec: PruneSpec, sparsity: float,
+                  language: Optional[str], compress: bool) -> dict:
+    """A ticket's files in the staging folder ``tmp``: model, processor, mask, card, signature."""
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    info = {
+        "sparsity": sparsity,
+        "scope": spec.scope,
+        "method": spec.method,
+        "layerwise": spec.layerwise,
+        "seed": spec.seed,
+        "language": language,
+        "source_model": source,
+        "source_revision": getattr(model.config, "_commit_hash", None),
+        "model_type": model.config.model_type,
+    }
+    metadata = Mask.save(tmp / MASK_FILE, mask, info, compress=compress)
+    write_ticket_card(tmp, metadata)
+    write_json_atomic(tmp / "run_signature.json", ticket_signature(source, revision, spec, sparsity))
+    return metadata
 
 
 def ticket_dirs(output_dir: str | Path, sparsities: list[float]) -> dict[float, Path]:

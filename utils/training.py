@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -39,7 +40,27 @@ class CTCTrainingArguments(TrainingArguments):
     length_column_name: str = field(default="input_length", metadata={"help": "Precomputed lengths for length grouping."})
 
 
-class CTCTrainer(Trainer):
+class WholeCheckpointsMixin:
+    """A checkpoint whose save fails (a full disk, a file-size limit) is removed before the error
+    goes on, so the folder never holds a half checkpoint that the Trainer's own
+    ``get_last_checkpoint`` would resume from. (A killed save is caught on resume instead:
+    ``utils.runs.last_complete_checkpoint``.)"""
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        existed = os.path.isdir(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception:
+            if self.args.should_save and not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.error("could not write %s: removed it; the checkpoints before it are intact", folder)
+            raise
+
+
+class CTCTrainer(WholeCheckpointsMixin, Trainer):
     """A Trainer that reports CER and WER of every evaluation and writes its per-utterance rows
     (``predictions_validation.jsonl``, ``predictions_test.jsonl``: see ``utils.metrics``) to the
     output dir, from the main process, in dataset order.

@@ -1,0 +1,90 @@
+"""Faults survived: each run is killed (SIGKILL) or runs out of disk (a file-size limit, as
+``ulimit -f``) at a named point (``tests/faults.py``), then the same command is run again, and the
+final files are compared with an uninterrupted run: bit-identical weights, predictions and masks."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import FAST, ROOT, run_in_process
+
+FINETUNE = ["--language", "en", "--max_train_samples", "24", "--max_eval_samples", "8", "--max_test_samples", "8", "--max_steps", "9",
+            "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3", "--save_total_limit", "5", *FAST]
+KILLED = -9
+
+
+def faulty(point: str, action: str, script: str, args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    """``script`` run in a fresh process with ``action`` at ``point`` (see tests/faults.py)."""
+    return subprocess.run([sys.executable, "-m", "tests.faults", point, action, "--", script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def plain(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def checkpoint_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and bool((x[k] == y[k]).all()) for k in x)
+
+
+def test_fine_tuning_survives_kills_torn_checkpoints_and_a_full_disk(corpus_dir, tmp_path, script_env):
+    args = FINETUNE + ["--data_dir", str(corpus_dir / "en")]
+    reference = tmp_path / "reference"
+    assert run_in_process("run_finetune.py", args + ["--output_dir", str(reference)]) == 0
+
+    out = tmp_path / "faulty"
+    args += ["--output_dir", str(out)]
+    # 1. Killed while the features are being computed and cached.
+    assert faulty("utils.features:header_seconds#10", "kill", "run_finetune.py", args, script_env).returncode == KILLED
+    assert not list(out.glob("checkpoint-*"))
+    # 2. Killed in the middle of training (step 5 of 9; checkpoint-3 written); the next run takes over its lock.
+    assert faulty("transformers.trainer:Trainer.training_step#5", "kill", "run_finetune.py", args, script_env).returncode == KILLED
+    assert checkpoint_state(out / "checkpoint-3")["global_step"] == 3 and not (out / "checkpoint-6").exists()
+    # 3. Killed while writing checkpoint-6's trainer_state.json (the file the Trainer writes last).
+    torn = faulty("transformers.trainer_callback:TrainerState.save_to_json", "torn", "run_finetune.py", args, script_env)
+    assert torn.returncode == KILLED and "took over the lock" in torn.stdout + torn.stderr
+    with pytest.raises(ValueError):
+        checkpoint_state(out / "checkpoint-6")
+    # 4. The disk fills while checkpoint-6 is saved again: one line, exit 1, no half checkpoint left.
+    full = faulty("transformers.trainer:Trainer._save_checkpoint", "fsize=4096", "run_finetune.py", args, script_env)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert last_line(full).startswith("error: out of disk space") and "re-run the same command" in last_line(full)
+    assert "checkpoint-6 is incomplete" in full.stdout + full.stderr  # the torn one, removed on resuming
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"] and checkpoint_state(out / "checkpoint-3")["global_step"] == 3
+    assert not (out / "all_results.json").exists()
+    # 5. The same command again, held at its first training step while a second copy of it is refused by the
+    #    lock; then it goes on, and ends as the uninterrupted run did.
+    go = tmp_path / "go"
+    final = subprocess.Popen([sys.executable, "-m", "tests.faults", "transformers.trainer:Trainer.training_step", f"wait={go}", "--",
+                              "run_finetune.py", *args], cwd=ROOT, env=script_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    owner = out.parent / f".{out.name}.lock.json"
+    deadline = time.time() + 120
+    while not (owner.is_file() and json.loads(owner.read_text() or "{}").get("pid") == final.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    second = plain("run_finetune.py", args, script_env)
+    go.touch()
+    assert second.returncode == 2 and f"is in use by process {final.pid}" in last_line(second), second.stderr[-2000:]
+    stdout, stderr = final.communicate(timeout=600)
+    assert final.returncode == 0, stderr[-3000:]
+    assert same_tensors(out / "model.safetensors", reference / "model.safetensors")
+    for name in ("predictions_validation.jsonl", "predictions_test.jsonl"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    ours, theirs = (json.loads((d / "all_results.json").read_text()) for d in (out, reference))
+    measures = lambda r: {k: v for k, v in r.items() if k.startswith(("eval_", "test_")) and not k.endswith(("runtime", "per_second"))}  # noqa: E731
+    assert measures(ours) == measures(theirs) and len(measures(ours)) >= 8  # (train_loss averages the last session's steps only)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
