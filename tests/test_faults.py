@@ -88,3 +88,50 @@ def test_fine_tuning_survives_kills_torn_checkpoints_and_a_full_disk(corpus_dir,
     measures = lambda r: {k: v for k, v in r.items() if k.startswith(("eval_", "test_")) and not k.endswith(("runtime", "per_second"))}  # noqa: E731
     assert measures(ours) == measures(theirs) and len(measures(ours)) >= 8  # (train_loss averages the last session's steps only)
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_pruning_survives_a_kill_mid_ticket_and_a_full_disk(corpus_dir, tmp_path, script_env):
+    source = tmp_path / "source"
+    assert run_in_process("run_finetune.py", FINETUNE[:8] + ["--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+                                                          "--load_best_model_at_end", "False", *FAST, "--data_dir", str(corpus_dir / "en"),
+                                                          "--output_dir", str(source)]) == 0
+    prune = lambda out: ["--model_name_or_path", str(source), "--sparsity", "0.5", "0.7", "0.9", "--output_dir", str(out)]  # noqa: E731
+    reference = tmp_path / "reference"
+    assert run_in_process("run_prune.py", prune(reference)) == 0
+    out = tmp_path / "tickets"
+    # Killed while the second ticket's mask is written: the first ticket is whole, the second only staged.
+    assert faulty("utils.masks:Mask.save#2", "kill", "run_prune.py", prune(out), script_env).returncode == KILLED
+    assert (out / "sparsity-0.50" / "mask.safetensors").is_file() and not (out / "sparsity-0.70" / "mask.safetensors").exists()
+    # The disk fills while the third ticket is written: one line, the first two whole, no staging folder left.
+    full = faulty("utils.tickets:_write_ticket#2", "fsize=4096", "run_prune.py", prune(out), script_env)
+    assert full.returncode == 1 and last_line(full).startswith("error: out of disk space"), full.stderr[-2000:]
+    assert not list(out.glob(".*.tmp")) and not (out / "sparsity-0.90" / "mask.safetensors").exists()
+    assert plain("run_prune.py", prune(out), script_env).returncode == 0
+    for ticket in ("sparsity-0.50", "sparsity-0.70", "sparsity-0.90"):
+        ours, theirs = out / ticket, reference / ticket
+        names = sorted(p.name for p in theirs.iterdir())
+        assert sorted(p.name for p in ours.iterdir()) == names
+        for name in ("mask.safetensors", "model.safetensors", "config.json", "README.md", "vocab.json"):  # byte for byte
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), (ticket, name)
+
+
+def test_run_iou_killed_before_its_done_file_re_runs_whole(tmp_path, script_env):
+    import torch
+
+    from utils.masks import Mask
+
+    masks = {}
+    for i, label in enumerate(("en", "de", "base")):
+        keep = {"wav2vec2.encoder.layers.0.attention.q_proj.weight": torch.from_numpy(__import__("numpy").random.default_rng(i).random((16, 16)) < 0.2)}
+        masks[label] = tmp_path / f"{label}.safetensors"
+        Mask.save(masks[label], keep, {"sparsity": 0.8, "scope": "encoder_linear", "method": "magnitude", "language": label})
+    args = lambda out: ["--masks", f"en={masks['en']}", f"de={masks['de']}", "--base", str(masks["base"]), "--output_dir", str(out)]  # noqa: E731
+    reference = tmp_path / "reference"
+    assert run_in_process("run_iou.py", args(reference)) == 0
+    out = tmp_path / "iou"
+    assert faulty("utils.report:plot_layer_iou", "kill", "run_iou.py", args(out), script_env).returncode == KILLED
+    assert (out / "iou.csv").is_file() and not (out / "iou.json").exists()  # not done: a grid would run it again
+    assert plain("run_iou.py", args(out), script_env).returncode == 0
+    for name in ("iou.csv", "iou_layers.csv", "iou.json", "iou_heatmap.png", "iou_layers.png"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+

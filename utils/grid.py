@@ -177,7 +177,8 @@ def _check_types(raw: dict[str, Any], path: str) -> None:
     for section in FLAG_SECTIONS:
         _check_flag_section(raw.get(section) or {}, section)
     for name, settings in (raw.get("bases") or {}).items():
-        _check_flag_section(settings, f"bases.{name}")
+        if ("mixture" in settings) != ("model" in settings):  # a base of neither or both kinds: _check_bases says so
+            _check_flag_section(settings, f"bases.{name}")
     for key, value in (raw.get("data") or {}).items():
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str):
