@@ -5,6 +5,7 @@ limits a model's front end implies, and the padding collator. The model input is
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import soundfile
 import torch
 from datasets import Audio, Dataset, DatasetDict, Features, List, Value
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Processor
@@ -32,10 +34,6 @@ FEATURES_VERSION = 3  # bump when featurize changes what it writes: old cached f
 def header_seconds(audio: dict) -> Optional[float]:
     """A clip's duration from its header alone (WAV, FLAC, OGG, MP3 through libsndfile), or None
     when the header cannot tell: lets an hour-long clip be skipped without decoding it."""
-    import io
-
-    import soundfile
-
     try:
         source = audio.get("path") if not audio.get("bytes") else io.BytesIO(audio["bytes"])
         return soundfile.info(source).duration if source else None

@@ -168,7 +168,7 @@ def _check_flag_section(section: dict, where: str) -> None:
             raise UsageError(f"grid config {where}.{key} is {_kind(value)}: expected a flag value (a number, string or boolean, or a non-empty list of them)")
 
 
-def _check_types(raw: dict[str, Any], path: str) -> None:
+def _check_types(raw: dict[str, Any]) -> None:
     """Every top-level setting of the type ``StudyConfig`` declares, flag sections holding flag
     values, and ``{language}`` the only template field of a data value: one line, before any work."""
     hints = get_type_hints(StudyConfig)
@@ -198,7 +198,7 @@ def load_config(path: str) -> StudyConfig:
     missing = sorted(f.name for f in fields(StudyConfig) if f.name in required and f.name not in raw)
     if missing:
         raise UsageError(f"grid config {path!r} lacks {missing}")
-    _check_types(raw, path)
+    _check_types(raw)
     config = StudyConfig(**raw)
     # A Hub token in a section goes to the environment the steps inherit, never into their
     # command lines, records or logs.

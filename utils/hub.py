@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
 from .errors import UsageError
 from .layout import sparsity_dirname
@@ -130,7 +130,7 @@ def push_ticket(ticket_dir: Union[str, os.PathLike], repo_id: str, token: Option
             commit_message=f"Upload ticket from {Path(ticket_dir).name}",
             ignore_patterns=["run_signature.json", ".*"],
         )
-    except Exception as err:  # an error answer, a dropped connection, a time-out: whichever HTTP client the Hub library uses
+    except (HfHubHTTPError, RepositoryNotFoundError) as err:
         raise explain_hub_error(err, repo_id, "push the ticket to") from err
     return str(getattr(info, "commit_url", info))
 
@@ -180,6 +180,6 @@ def push_mask(mask_file: Union[str, os.PathLike], repo_id: str, row: dict, token
             CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=_masks_dataset_card(repo_id).encode()),
         ]
         api.create_commit(repo_id, operations, repo_type="dataset", commit_message=f"Add {row['file']}")
-    except Exception as err:  # an error answer, a dropped connection, a time-out: whichever HTTP client the Hub library uses
+    except (HfHubHTTPError, RepositoryNotFoundError) as err:
         raise explain_hub_error(err, repo_id, "push the mask to") from err
     return True
