@@ -1,9 +1,16 @@
 """A Hub-compatible HTTP server on 127.0.0.1 for offline push/pull tests.
 
 It implements the routes huggingface_hub and transformers use to create repos, commit (NDJSON,
-inline "regular" files), read repo info and trees, and resolve files (NOTES.md lists them). It
-keeps every repo in memory, records each commit, and requires ``Bearer <token>`` for writes so
-that authentication failures can be tested.
+inline "regular" files, refused with 412 when ``parentCommit`` is no longer the head, as the Hub
+does), read repo info and trees, and resolve files (NOTES.md lists them). It keeps every repo in
+memory, records each commit, and requires ``Bearer <token>`` for writes so that authentication
+failures can be tested.
+
+Faults (``HubServer.fail``) make the next requests of a route fail the ways a real Hub does:
+``500`` (an error answer, nothing applied), ``drop`` (the connection closed with no answer,
+nothing applied), ``lost-answer`` (the request applied, then the connection closed: the client
+cannot know it landed), ``hang`` (no answer until the client gives up, nothing applied).
+``before_commit`` runs a callback before a commit is applied (another writer landing first).
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -33,10 +42,32 @@ class Repo:
         return self.commits[-1]["oid"] if self.commits else "0" * 40
 
 
+FAULT_MODES = ("500", "drop", "lost-answer", "hang")
+
+
+@dataclass
+class Fault:
+    method: str
+    route: str  # a substring of the request path, e.g. "/commit/", "/preupload/", "/resolve/"
+    mode: str
+    times: int
+
+
 class HubState:
     def __init__(self):
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lock = threading.Lock()
+        self.faults: list[Fault] = []
+        self.before_commit: list = []  # callbacks, each run once before the next commit is applied
+        self.hang_s = 30.0
+
+    def take_fault(self, method: str, path: str) -> str | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.route in path and fault.times > 0:
+                    fault.times -= 1
+                    return fault.mode
+        return None
 
 
 def _handler(state: HubState):
@@ -46,6 +77,8 @@ def _handler(state: HubState):
 
         # -- helpers -------------------------------------------------------------------------
         def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"):
+            if getattr(self, "fault", None) == "lost-answer":
+                return self._drop()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -64,6 +97,38 @@ def _handler(state: HubState):
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+        def _drop(self):
+            """Close the connection without an answer."""
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def _fault_first(self) -> bool:
+            """Apply a fault taken for this request; True when the request ends here unanswered."""
+            self.fault = state.take_fault(self.command, urlparse(self.path).path)
+            if self.fault == "500":
+                self._error(500, "InternalError", "Internal Error - We're working hard to fix this as soon as possible!")
+                return True
+            if self.fault == "drop":
+                self._drop()
+                return True
+            if self.fault == "hang":
+                deadline = time.monotonic() + state.hang_s
+                self.connection.settimeout(0.2)
+                while time.monotonic() < deadline:  # until the client gives up (closes) or the hang ends
+                    try:
+                        if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                            break
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+                self._drop()
+                return True
+            return False
+
         def _authorized(self) -> bool:
             return self.headers.get("Authorization") == f"Bearer {TOKEN}"
 
@@ -75,6 +140,8 @@ def _handler(state: HubState):
             self.do_GET()
 
         def do_GET(self):
+            if self._fault_first():
+                return
             url = urlparse(self.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
             if parts[:2] == ["api", "whoami-v2"]:
@@ -128,6 +195,8 @@ def _handler(state: HubState):
             url = urlparse(self.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]
             body = self._body()
+            if self._fault_first():
+                return
             if parts == ["api", "validate-yaml"]:
                 return self._json(200, {"errors": [], "warnings": []})
             if not self._authorized():
@@ -165,7 +234,12 @@ def _handler(state: HubState):
                         changes[item["value"]["path"]] = None
                     else:
                         return self._error(400, "BadRequest", f"unsupported commit item {item['key']}")
+                while state.before_commit:
+                    state.before_commit.pop(0)()
                 with state.lock:
+                    parent = header.get("parentCommit")
+                    if parent and parent != repo.sha:
+                        return self._error(412, "PreconditionFailed", "A commit has happened since. Please refresh and try again.")
                     for path, data in changes.items():
                         if data is None:
                             repo.files.pop(path, None)
@@ -199,3 +273,9 @@ class HubServer:
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
         return self.state.repos[(repo_type, repo_id)]
+
+    def fail(self, route: str, mode: str, times: int = 1, method: str = "POST") -> None:
+        """The next ``times`` requests whose path contains ``route`` fail as ``mode``."""
+        assert mode in FAULT_MODES, mode
+        with self.state.lock:
+            self.state.faults.append(Fault(method, route, mode, times))

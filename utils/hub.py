@@ -9,16 +9,17 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
 from .errors import UsageError
+from .hub_client import HubError, hub_errors, hub_timeout
 from .layout import sparsity_dirname
-from .runs import explain_hub_error
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ["file", "language", "sparsity", "method", "scope", "layerwise", "source_model", "source_revision", "ticket_repo", "sha256", "kept", "total"]
@@ -119,19 +120,48 @@ def check_repo_id(repo_id: str, flag: str) -> str:
     return repo_id
 
 
+COMMIT_ATTEMPTS = 3
+
+
+def _moved_on(err: HfHubHTTPError) -> bool:
+    """Whether the Hub refused a commit because its parent is no longer the branch head."""
+    return getattr(getattr(err, "response", None), "status_code", None) in (409, 412)
+
+
+def _commit_at_head(api: HfApi, repo_id: str, repo_type: str, what: str, commit: Callable[[str], T]) -> T:
+    """``commit(head)``: a commit whose parent is the branch head, so that nothing landing in
+    between is overwritten or committed twice. A refusal because the head moved (another push, or
+    a commit of ours that landed while its answer was lost and the library retried it) means look
+    again, up to COMMIT_ATTEMPTS times."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        head = api.repo_info(repo_id, repo_type=repo_type, timeout=hub_timeout()).sha
+        try:
+            return commit(head)
+        except HfHubHTTPError as err:
+            if not _moved_on(err):
+                raise
+            logger.warning("%s changed while pushing %s: looking again (%d/%d)", repo_id, what, attempt, COMMIT_ATTEMPTS)
+    raise HubError(f"cannot push {what} to {repo_id}: it kept changing between reading it and committing ({COMMIT_ATTEMPTS} tries); "
+                   "re-run when other pushes to it are done")
+
+
 def push_ticket(ticket_dir: Union[str, os.PathLike], repo_id: str, token: Optional[str] = None, private: Optional[bool] = None) -> str:
-    """Upload a ticket directory as a model repo; unchanged files make no commit."""
+    """Upload a ticket directory as a model repo. Files the repo already holds make no commit, so
+    re-running after a failed push, or one that landed while its answer was lost, commits nothing twice."""
     api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(
+
+    def upload(head: str):
+        return api.upload_folder(
             repo_id=repo_id,
             folder_path=str(ticket_dir),
             commit_message=f"Upload ticket from {Path(ticket_dir).name}",
             ignore_patterns=["run_signature.json", ".*"],
+            parent_commit=head,
         )
-    except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise explain_hub_error(err, repo_id, "push the ticket to") from err
+
+    with hub_errors(repo_id, "push the ticket to"):
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = _commit_at_head(api, repo_id, "model", "the ticket", upload)
     return str(getattr(info, "commit_url", info))
 
 
@@ -141,10 +171,13 @@ def mask_path_in_repo(language: str, sparsity: float, method: str, scope: str, l
     return f"masks/{language}/{sparsity_dirname(sparsity)}{variant}.safetensors"
 
 
-def _read_index(api: HfApi, repo_id: str) -> list[dict]:
+def _read_index(api: HfApi, repo_id: str, revision: str) -> list[dict]:
+    """The index rows at one commit (never a cached copy of another). Only the Hub saying there is
+    no index yet means no rows: a lookup that failed is an error, or the push would drop rows."""
     try:
-        path = hf_hub_download(repo_id, INDEX_FILE, repo_type="dataset", token=api.token, endpoint=api.endpoint)
-    except EntryNotFoundError:
+        path = hf_hub_download(repo_id, INDEX_FILE, repo_type="dataset", revision=revision, token=api.token, endpoint=api.endpoint,
+                               etag_timeout=hub_timeout())
+    except RemoteEntryNotFoundError:
         return []
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
@@ -162,15 +195,18 @@ def _index_csv(rows: list[dict]) -> bytes:
 def push_mask(mask_file: Union[str, os.PathLike], repo_id: str, row: dict, token: Optional[str] = None, private: Optional[bool] = None) -> bool:
     """Add a mask to a masks dataset repo and upsert its row of ``index.csv``, in one commit.
 
-    Idempotent: a row already present with the same sha256 (and its file present) makes no
-    commit. Returns whether a commit was made."""
+    The index is read at the branch head and committed with that head as parent, so a push of
+    another mask landing in between is never overwritten (see ``_commit_at_head``). Idempotent: a
+    row already present with the same sha256 (and its file present) makes no commit, so re-running
+    after a failed push, or one whose answer was lost, leaves no duplicate row and no empty commit.
+    Returns whether a commit was made."""
     api = HfApi(token=token)
     row = {k: str(v) for k, v in row.items()}
-    try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        rows = [r for r in _read_index(api, repo_id)]
-        existing = next((r for r in rows if r["file"] == row["file"]), None)
-        if existing == {k: row.get(k, "") for k in INDEX_COLUMNS} and api.file_exists(repo_id, row["file"], repo_type="dataset"):
+    wanted = {k: row.get(k, "") for k in INDEX_COLUMNS}
+
+    def upsert(head: str) -> bool:
+        rows = _read_index(api, repo_id, head)
+        if wanted in rows and api.file_exists(repo_id, row["file"], repo_type="dataset", revision=head):
             logger.info("%s already holds %s with sha256 %s: nothing to push", repo_id, row["file"], row["sha256"][:12])
             return False
         rows = [r for r in rows if r["file"] != row["file"]] + [row]
@@ -179,7 +215,9 @@ def push_mask(mask_file: Union[str, os.PathLike], repo_id: str, row: dict, token
             CommitOperationAdd(path_in_repo=INDEX_FILE, path_or_fileobj=_index_csv(rows)),
             CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=_masks_dataset_card(repo_id).encode()),
         ]
-        api.create_commit(repo_id, operations, repo_type="dataset", commit_message=f"Add {row['file']}")
-    except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise explain_hub_error(err, repo_id, "push the mask to") from err
-    return True
+        api.create_commit(repo_id, operations, repo_type="dataset", commit_message=f"Add {row['file']}", parent_commit=head)
+        return True
+
+    with hub_errors(repo_id, "push the mask to"):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        return _commit_at_head(api, repo_id, "dataset", row["file"], upsert)

@@ -40,7 +40,8 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from .errors import MissingInput, UsageError
-from .runs import atomic_open, explain_hub_error
+from .hub_client import hub_errors
+from .runs import atomic_open
 from .structure import family_of, family_of_name
 
 MASK_FORMAT = "language-tickets-mask"
@@ -475,7 +476,7 @@ def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
     (model repo) or ``hf://datasets/ORG/NAME/PATH`` (dataset repo), the URL form of
     ``huggingface_hub``'s file system. ``@REVISION`` may follow the repo name."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
 
     local = Path(os.path.expanduser(str(reference)))
     if local.is_dir():
@@ -486,10 +487,11 @@ def resolve_mask(reference: Union[str, os.PathLike]) -> Path:
         return local
     repo_id, repo_type, path, revision = parse_reference(str(reference))
     try:
-        return Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
+        with hub_errors(repo_id, f"download {path} from"):
+            return Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
     except EntryNotFoundError as err:
         raise MissingInput(f"{repo_type} repo {repo_id} has no file {path!r} (from reference {str(reference)!r})") from err
-    except (HfHubHTTPError, RepositoryNotFoundError) as err:
-        raise explain_hub_error(err, repo_id, f"download {path} from") from err
+    except UsageError:
+        raise
     except Exception as err:  # offline / no such local path / network: all mean "not found"
         raise MissingInput(f"mask {str(reference)!r} is neither a local path nor reachable on the Hub ({type(err).__name__}: {err})") from err

@@ -237,24 +237,6 @@ def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process
     return last_complete_checkpoint(output_dir, remove_incomplete=is_main_process)
 
 
-class HubError(UsageError):
-    """A Hub operation failed; the message names the repo and what to do."""
-
-
-def explain_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
-    """The one-line error for a failed Hub call: what failed, on which repo, and what to do."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, RepositoryNotFoundError) or status == 404:
-        hint = "check the repo id, and that your token can see it"
-    elif status in (401, 403):
-        hint = "log in with `hf auth login` or pass --hub_token with write access"
-    else:
-        hint = "check your network and HF_ENDPOINT, then re-run: finished steps are skipped"
-    return HubError(f"cannot {action} {repo_id} (HTTP {status or '?'}: {type(err).__name__}): {hint}")
-
-
 SECRET_FLAGS = ("hub_token",)  # moved to the environment before anything is written (see utils.arguments)
 REDACTED = "<redacted>"
 
@@ -286,7 +268,10 @@ def run_cli(main) -> None:
     code 2; a full disk (or file-size limit, or quota) with one line too, exit code 1."""
     import sys
 
+    from .hub_client import bound_hub_waits
+
     try:
+        bound_hub_waits()
         main()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
