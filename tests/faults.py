@@ -26,11 +26,23 @@ import os
 import resource
 import runpy
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+KILLED = -9  # the return code of a process ended by SIGKILL
+
+
+def faulty(point: str, action: str, script: str, args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    """``script`` run in a fresh process with ``action`` at ``point`` (for the tests)."""
+    return subprocess.run([sys.executable, "-m", "tests.faults", point, action, "--", script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
 
 
 def _first_path(args: tuple, kwargs: dict) -> Path:

@@ -13,24 +13,14 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import FAST, ROOT, run_in_process
+from tests.faults import KILLED, faulty, last_line
 
 FINETUNE = ["--language", "en", "--max_train_samples", "24", "--max_eval_samples", "8", "--max_test_samples", "8", "--max_steps", "9",
             "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3", "--save_total_limit", "5", *FAST]
-KILLED = -9
-
-
-def faulty(point: str, action: str, script: str, args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    """``script`` run in a fresh process with ``action`` at ``point`` (see tests/faults.py)."""
-    return subprocess.run([sys.executable, "-m", "tests.faults", point, action, "--", script, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
 
 
 def plain(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def last_line(result: subprocess.CompletedProcess) -> str:
-    return result.stderr.strip().splitlines()[-1]
 
 
 def checkpoint_state(folder: Path) -> dict:

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT, files_containing, grid, result_row, study_config, write_study
+from tests.faults import KILLED, faulty, last_line
 from utils.grid import load_config, plan
 from utils.masks import Mask
 from utils.metrics import read_predictions
@@ -174,6 +175,37 @@ def test_killed_grid_resumes_without_redoing_steps(finished_study):
     again = grid(path, timeout=120)
     assert "ran 0 step(s), skipped 9" in again.stdout
     assert files_containing(study, GRID_SECRET) == [] and GRID_SECRET not in again.stdout + again.stderr
+
+
+def report_files(study: Path) -> dict[str, bytes]:
+    """Every file the report step writes (and any temporary left beside them)."""
+    files = [study / "REPORT.md", study / "results.csv", *study.glob(".*.tmp-*"), *(study / "figures").iterdir()]
+    return {str(p.relative_to(study)): p.read_bytes() for p in files if p.is_file()}
+
+
+def test_the_report_survives_a_kill_and_a_full_disk(finished_study):
+    """The grid's last step, killed while writing a figure and then out of disk while writing
+    results.csv: the previous report stays whole, no half file is left, and the same command
+    writes it again byte for byte."""
+    path, _, _ = finished_study
+    study = path.parent / "study"
+    before = report_files(study)
+    assert {"REPORT.md", "results.csv", "figures/cer_vs_sparsity.png", "figures/iou_noise_floor_0.80.png"} <= set(before) and not [k for k in before if ".tmp-" in k]
+    command = ["--config", str(path), "--report_only"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    killed = faulty("matplotlib.figure:Figure.savefig#2", "kill-after", "run_grid.py", command, env)  # its data written, not yet renamed
+    assert killed.returncode == KILLED, killed.stderr[-2000:]
+    left = report_files(study)
+    temps = [k for k in left if ".tmp-" in k]
+    assert len(temps) == 1 and {k: v for k, v in left.items() if k not in temps} == before  # the old report, whole
+    full = faulty("utils.report:write_csv_atomic", "fsize=64", "run_grid.py", command, env)
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert last_line(full).startswith("error: out of disk space") and "re-run the same command" in last_line(full), last_line(full)
+    assert "took over the lock" in full.stdout + full.stderr  # the killed run's lock
+    assert report_files(study) == left  # its own temporary removed, nothing else touched
+    again = grid(path, "--report_only", timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert report_files(study) == before  # the killed run's temporary removed when its figure was written again
 
 
 def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_study):

@@ -15,7 +15,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCar
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
 from .errors import UsageError
-from .hub_client import HubError, hub_errors, hub_timeout
+from .hub_client import HubError, hub_errors, hub_timeout, invalid_repo_id
 from .layout import sparsity_dirname
 
 logger = logging.getLogger(__name__)
@@ -110,13 +110,8 @@ source model, checksum). No pickle.
 
 def check_repo_id(repo_id: str, flag: str) -> str:
     """A repo id to push to, checked by huggingface_hub's rules before any work: one line otherwise."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id ({err}): expected ORG/NAME or NAME") from None
+    if why := invalid_repo_id(repo_id):
+        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id ({why}): expected ORG/NAME or NAME")
     return repo_id
 
 

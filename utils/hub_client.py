@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .errors import UsageError
 
@@ -21,6 +21,18 @@ DEFAULT_HUB_TIMEOUT = 120.0
 
 class HubError(UsageError):
     """A Hub operation failed; the message names the repo and what to do."""
+
+
+def invalid_repo_id(repo_id: str) -> Optional[str]:
+    """Why ``repo_id`` breaks huggingface_hub's rules for repo ids, or None when it keeps them."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        return str(err)
+    return None
 
 
 def hub_timeout() -> float:

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from .errors import MissingInput, UsageError
-from .hub_client import hub_errors
+from .hub_client import hub_errors, invalid_repo_id
 from .runs import atomic_open
 from .structure import family_of, family_of_name
 
@@ -439,9 +439,6 @@ REFERENCE_FORMS = ("a local path, ORG/NAME[@REV] (a ticket repo), ORG/NAME[@REV]
 def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
     """``(repo_id, repo_type, path_in_repo, revision)`` of a Hub mask reference. A malformed repo
     id, revision or path is refused in one line naming the reference and the accepted forms."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     ref, repo_type = reference.strip(), "model"
     if ref.startswith("hf://"):
         ref = ref[len("hf://") :]
@@ -455,10 +452,8 @@ def parse_reference(reference: str) -> tuple[str, str, str, Optional[str]]:
     if not match:
         raise UsageError(f"mask reference {reference!r} is not an existing path nor a Hub reference: expected {REFERENCE_FORMS}")
     repo_id, revision, path = match.groups()
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise UsageError(f"mask reference {reference!r} names {repo_id!r}, not a valid repo id ({err}): expected {REFERENCE_FORMS}") from None
+    if why := invalid_repo_id(repo_id):
+        raise UsageError(f"mask reference {reference!r} names {repo_id!r}, not a valid repo id ({why}): expected {REFERENCE_FORMS}")
     if path is not None and (path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/"))):
         raise UsageError(f"mask reference {reference!r} has the path {path!r}: expected a relative path inside the repo (no '..', "
                          f"empty or absolute parts); references are {REFERENCE_FORMS}")

@@ -58,10 +58,13 @@ RUNTIME_FIELDS = frozenset(
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path`` and rename it over ``path`` only once it is fully
-    written and closed: readers never see half a file, and a failed write leaves the old one."""
+    written and closed: readers never see half a file, and a failed write leaves the old one.
+    The temporaries of earlier writers on this host that were killed before renaming are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    _remove_dead_writers_temps(path.parent, prefix)
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     try:
@@ -71,6 +74,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_dead_writers_temps(folder: Path, prefix: str) -> None:
+    """``<prefix><pid>`` files of processes no longer running (a temporary of another host is
+    never touched: its pid means nothing here)."""
+    import glob
+
+    import psutil
+
+    for old in folder.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            old.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
