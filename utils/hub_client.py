@@ -82,7 +82,7 @@ def explain_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
     if isinstance(err, RepositoryNotFoundError) or status == 404:
         hint = "check the repo id, and that your token can see it"
     elif status in (401, 403):
-        hint = "log in with `hf auth login` or pass --hub_token with write access"
+        hint = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
     else:
         hint = f"check your network and HF_ENDPOINT, {retry}"
     return HubError(f"cannot {action} {repo_id} (HTTP {status or '?'}: {type(err).__name__}): {hint}")
