@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, TypeVar, Union
 
-from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
 
 from .errors import UsageError
@@ -171,7 +171,7 @@ def _read_index(api: HfApi, repo_id: str, revision: str) -> list[dict]:
     no index yet means no rows: a lookup that failed is an error, or the push would drop rows."""
     try:
         path = hf_hub_download(repo_id, INDEX_FILE, repo_type="dataset", revision=revision, token=api.token, endpoint=api.endpoint,
-                               etag_timeout=hub_timeout())
+                               etag_timeout=min(hub_timeout(), constants.HF_HUB_ETAG_TIMEOUT))  # the shorter of both bounds
     except RemoteEntryNotFoundError:
         return []
     with open(path, newline="", encoding="utf-8") as f:
