@@ -104,6 +104,20 @@ FAST = ["--model_name_or_path", str(TINY_CONFIG), "--use_cpu", "--per_device_tra
         "--adam_beta2", "0.98", "--warmup_steps", "20", "--freeze_feature_encoder", "False", "--disable_tqdm", "True", "--seed", "1"]
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A small 'fine-tuned' CTC model directory (random weights) with its feature extractor: what
+    run_prune.py prunes in the tests."""
+    import torch
+    from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    out = tmp_path_factory.mktemp("source")
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(AutoConfig.from_pretrained(TINY_CONFIG)).save_pretrained(out)
+    Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG).save_pretrained(out)
+    return out
+
+
 def run_script(args, env, script="run_finetune.py"):
     return subprocess.run([sys.executable, str(ROOT / script), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 

@@ -1,8 +1,8 @@
 """A Hub-compatible HTTP server on 127.0.0.1 for offline push/pull tests.
 
 It implements the routes huggingface_hub and transformers use to create repos, commit (NDJSON,
-inline "regular" files, refused with 412 when ``parentCommit`` is no longer the head, as the Hub
-does), read repo info and trees, and resolve files (NOTES.md lists them). It keeps every repo in
+inline "regular" files, refused with 412 when ``parentCommit`` is no longer the head; the code
+under test takes 409 the same way, not having checked which the Hub sends), read repo info and trees, and resolve files (NOTES.md lists them). It keeps every repo in
 memory, records each commit, and requires ``Bearer <token>`` for writes so that authentication
 failures can be tested.
 

@@ -14,8 +14,9 @@ from huggingface_hub import file_download
 from huggingface_hub import set_client_factory
 from huggingface_hub.utils import _http
 
+from tests.conftest import run_script
+from tests.faults import last_line
 from tests.hub_server import FAULT_MODES, TOKEN, HubServer
-from tests.test_prune import run_prune, source  # noqa: F401  (the module fixture)
 from utils.errors import UsageError
 from utils.hub import INDEX_COLUMNS, INDEX_FILE, push_mask, push_ticket
 from utils.hub_client import HUB_TIMEOUT_ENV, HubError, bound_hub_waits, hub_timeout
@@ -60,6 +61,7 @@ def push(tmp_path, language: str) -> bool:
 
 
 def index_rows(hub) -> list[dict]:
+    """The rows of the masks repo's index.csv, as the Hub holds it."""
     return list(csv.DictReader(io.StringIO(hub.repo(MASKS, "dataset").files[INDEX_FILE].decode())))
 
 
@@ -176,7 +178,7 @@ def test_a_bad_hub_timeout_is_one_line(monkeypatch, value):
         hub_timeout()
 
 
-def test_run_prune_whose_mask_push_lost_its_answer_completes_on_re_run(source, tmp_path):  # noqa: F811
+def test_run_prune_whose_mask_push_lost_its_answer_completes_on_re_run(source, tmp_path):
     """The script end to end: the ticket lands, the mask commit lands but its answer is lost (one
     line, exit 2); the same command again commits nothing new anywhere."""
     with HubServer() as server:
@@ -185,14 +187,14 @@ def test_run_prune_whose_mask_push_lost_its_answer_completes_on_re_run(source, t
         command = ["--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.8", "--output_dir", str(tmp_path / "ticket"),
                    "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket", "--hub_mask_repo_id", MASKS]
         server.fail(f"/api/datasets/{MASKS}/commit/", "lost-answer")
-        result = run_prune(command, env)
+        result = run_script(command, env, "run_prune.py")
         assert result.returncode == 2, result.stderr[-3000:]
-        last = result.stderr.strip().splitlines()[-1]
+        last = last_line(result)
         assert last.startswith(f"error: cannot push the mask to {MASKS}: the connection to the Hub failed") and "re-run" in last, last
-        result = run_prune(command, env)
+        result = run_script(command, env, "run_prune.py")
         assert result.returncode == 0, result.stderr[-3000:]
         ticket, masks = server.repo("me/tiny-en-ticket"), server.repo(MASKS, "dataset")
         assert len(ticket.commits) == 1 and len(masks.commits) == 1
-        rows = list(csv.DictReader(io.StringIO(masks.files[INDEX_FILE].decode())))
+        rows = index_rows(server)
         assert [r["language"] for r in rows] == ["en"]
         assert masks.files[rows[0]["file"]] == (tmp_path / "ticket" / "mask.safetensors").read_bytes()

@@ -24,16 +24,6 @@ def run_prune(args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "run_prune.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A small 'fine-tuned' CTC model directory (random weights) with its feature extractor."""
-    out = tmp_path_factory.mktemp("source")
-    torch.manual_seed(0)
-    Wav2Vec2ForCTC(AutoConfig.from_pretrained(TINY_CONFIG)).save_pretrained(out)
-    Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG).save_pretrained(out)
-    return out
-
-
 FRESH_LOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCTC

@@ -69,10 +69,13 @@ def bound_hub_waits() -> None:
 def explain_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
     """The one-line error for a failed Hub call: what failed, on which repo, and what to do."""
     import httpx2
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     retry = "then re-run: finished steps are skipped and a push that landed is not made twice"
     status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, LocalEntryNotFoundError):  # huggingface_hub's answer to a look-up that could not reach the Hub
+        return HubError(f"cannot {action} {repo_id}: the Hub could not be reached and no copy is cached "
+                        f"({str(err).splitlines()[0]}); check your network and HF_ENDPOINT, {retry}")
     if isinstance(err, httpx2.TimeoutException):
         return HubError(f"cannot {action} {repo_id}: the Hub did not answer within {hub_timeout():g} s ({type(err).__name__}); "
                         f"check your network and HF_ENDPOINT (or raise {HUB_TIMEOUT_ENV}), {retry}")
@@ -102,8 +105,5 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
         yield
     except RemoteEntryNotFoundError:
         raise
-    except LocalEntryNotFoundError as err:
-        raise HubError(f"cannot {action} {repo_id}: the Hub could not be reached and no copy is cached "
-                       f"({str(err).splitlines()[0]}); check your network and HF_ENDPOINT, then re-run") from err
-    except (HfHubHTTPError, RepositoryNotFoundError, httpx2.TransportError) as err:
+    except (HfHubHTTPError, RepositoryNotFoundError, LocalEntryNotFoundError, httpx2.TransportError) as err:
         raise explain_hub_error(err, repo_id, action) from err

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import dataclasses
 import enum
+import glob
 import json
 import logging
 import os
@@ -79,8 +80,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 def _remove_dead_writers_temps(folder: Path, prefix: str) -> None:
     """``<prefix><pid>`` files of processes no longer running (a temporary of another host is
     never touched: its pid means nothing here)."""
-    import glob
-
     import psutil
 
     for old in folder.glob(glob.escape(prefix) + "*"):
