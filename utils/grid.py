@@ -61,7 +61,9 @@ class StudyConfig:
     by ``run_pretrain.py`` with the ``ssl_pretrain`` flags) or ``{model: ORG/NAME}`` (a published
     base of any supported family, or a config directory), the whole study run per base, and the
     bases compared on the advantage of ``dominant`` (default: the language with the largest share
-    in any base's mixture)."""
+    in any base's mixture). With ``shared_base``, every seed starts from one base made with the
+    first seed (as every seed of an XLS-R study starts from the one published checkpoint), so the
+    seeds differ only in fine-tuning, pruning and transfer."""
 
     name: str
     output_dir: str
@@ -81,6 +83,7 @@ class StudyConfig:
     bases: dict[str, dict[str, Any]] = field(default_factory=dict)
     ssl_pretrain: dict[str, Any] = field(default_factory=dict)
     dominant: Optional[str] = None
+    shared_base: bool = False  # make the base once (from the first seed) and vary only fine-tuning, pruning and transfer seeds
     resources: dict[str, Any] = field(default_factory=dict)  # step kind -> Resources (see utils.executors)
     slurm: dict[str, Any] = field(default_factory=dict)  # partition, account, qos, constraint, additional
     note: Optional[str] = None
@@ -323,12 +326,15 @@ class _Planner:
         self.steps: list[Step] = []
         self.by_id: dict[str, Step] = {}
 
-    def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str], launch_len: int = 1) -> Step:
+    def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str], launch_len: int = 1,
+            shared: bool = False) -> Step:
+        if id in self.by_id:  # a step every seed shares (the base with shared_base): planned once
+            return self.by_id[id]
         needs = [n for n in needs if n in self.by_id]
         identity = {
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME_FIELDS},
             "needs": {n: self.by_id[n].digest for n in needs},
-        }
+        } | ({"shared": "every seed"} if shared else {})
         step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)), launch_len)
         self.steps.append(step)
         self.by_id[id] = step
@@ -356,42 +362,49 @@ def plan(config: StudyConfig) -> list[Step]:
         settings = {"mix": [f"{code}={weight}" for code, weight in config.ctc_pretrain["mixture"].items()], "output_dir": str(corpus),
                     "num_mix_train": config.ctc_pretrain.get("num_train", 2000), **sizes}
         data_steps.append(p.add("corpus/mul", "corpus", [*python, "-m", "utils.corpus", *_flags(settings)], corpus / "mul" / "corpus.json", settings, corpus / "mul", []).id)
+    def base_seed(seed: int) -> tuple[Optional[int], int]:
+        """(the folder's seed, None when shared; the seed the base is made with)."""
+        return (None, config.seeds[0]) if config.shared_base else (seed, seed)
+
     initial: dict[int, tuple[str, Optional[str]]] = {}
     for seed in config.seeds:
         initial[seed] = (config.model, None)
+        folder, made_with = base_seed(seed)
         # A tiny model with no pretrained weights: initialise the study's base. (run_pretrain.py
         # starts from the config itself, seeded: every base of a seed starts from the same weights.)
         if config.model and has_local_config_only(config.model) and not config.bases:
-            base = str(StudyLayout(out).base_model(seed))
-            settings = {"init_from_config": config.model, "output_dir": base, "seed": seed}
-            initial[seed] = (base, p.add(StudyLayout(out).step_id(Path(base)), "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), []).id)
+            base = str(StudyLayout(out).base_model(folder))
+            settings = {"init_from_config": config.model, "output_dir": base, "seed": made_with}
+            initial[seed] = (base, p.add(StudyLayout(out).step_id(Path(base)), "init", [*python, "-m", "utils.model", *_flags(settings)], Path(base) / "config.json", settings, Path(base), [],
+                                    shared=config.shared_base).id)
     for name, root, prefix in sub_studies(config):
         layout = StudyLayout(root)
         for seed in config.seeds:
             base, base_step = initial[seed]
-            target = layout.pretrain(seed)
+            folder, made_with = base_seed(seed)
+            target = layout.pretrain(folder)
             script, needs = None, [base_step]
             if name is not None and "model" in config.bases[name]:  # a base to start from as it is (a config dir: seeded random weights)
                 base, base_step, needs = config.bases[name]["model"], None, [*data_steps]
                 if has_local_config_only(base):
-                    init = str(layout.base_model(seed))
-                    settings = {"init_from_config": base, "output_dir": init, "seed": seed}
+                    init = str(layout.base_model(folder))
+                    settings = {"init_from_config": base, "output_dir": init, "seed": made_with}
                     base_step = p.add(layout.step_id(Path(init), prefix), "init", [*python, "-m", "utils.model", *_flags(settings)], Path(init) / "config.json",
-                                      settings, Path(init), []).id
+                                      settings, Path(init), [], shared=config.shared_base).id
                     base = init
                 needs.append(base_step)
             elif config.ctc_pretrain:
                 extra = {k: v for k, v in config.ctc_pretrain.items() if k not in ("mixture", "num_train")}
-                settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": seed, **extra}
+                settings = {"language": "mul", "data_dir": str(corpus / "mul"), "model_name_or_path": base, "output_dir": str(target), "seed": made_with, **extra}
                 script = "run_finetune.py"
             elif name is not None:  # self-supervised, on this base's mixture, from the seed's shared initial weights
                 extra = {k: v for k, v in config.bases[name].items() if k != "mixture"}
                 settings = {"model_name_or_path": base, "mixture": [f"{code}={w}" for code, w in config.bases[name]["mixture"].items()], "output_dir": str(target),
-                            "seed": seed, **config.data, **config.ssl_pretrain, **extra}
+                            "seed": made_with, **config.data, **config.ssl_pretrain, **extra}
                 script = "run_pretrain.py"
             if script:
                 base_step = p.add(layout.step_id(target, prefix), "pretrain", [*launch["pretrain"], str(ROOT / script), *_flags(settings)], target / TRAINER_RESULTS_FILE,
-                                  settings, target, [*data_steps, base_step], len(launch["pretrain"])).id
+                                  settings, target, [*data_steps, base_step], len(launch["pretrain"]), shared=config.shared_base).id
                 base, needs = str(target), [base_step]
             _plan_seed(p, config, launch, layout, prefix, seed, base, base_step, needs)
         _plan_seed_iou(p, config, layout, prefix)

@@ -9,6 +9,7 @@ A study (``run_grid.py``) under its output directory, per base ``base-<name>/`` 
 
     seed-<seed>/base-model/                                seeded random initialisation of a config-only model
     seed-<seed>/pretrain/                                  the base (run_pretrain.py, or the CTC stand-in)
+    shared-base/base-model/, shared-base/pretrain/         the same, made once for every seed (``shared_base: true``)
     seed-<seed>/finetune/<upstream>/                       upstream model (run_finetune.py)
     seed-<seed>/tickets/<upstream|base>/sparsity-0.80/     tickets
     seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 RESULTS_FILE = "results.json"
 IOU_FILE = "iou.json"
@@ -47,11 +49,16 @@ class StudyLayout:
     def seed(self, seed: int) -> Path:
         return self.root / f"seed-{seed}"
 
-    def base_model(self, seed: int) -> Path:
-        return self.seed(seed) / "base-model"
+    def _base_root(self, seed: Optional[int]) -> Path:
+        return self.root / "shared-base" if seed is None else self.seed(seed)
 
-    def pretrain(self, seed: int) -> Path:
-        return self.seed(seed) / "pretrain"
+    def base_model(self, seed: Optional[int]) -> Path:
+        """A config-only model's seeded random weights; ``seed=None``: the one base every seed shares."""
+        return self._base_root(seed) / "base-model"
+
+    def pretrain(self, seed: Optional[int]) -> Path:
+        """The pretrained base; ``seed=None``: the one base every seed shares."""
+        return self._base_root(seed) / "pretrain"
 
     def finetune(self, seed: int, language: str) -> Path:
         return self.seed(seed) / "finetune" / language
