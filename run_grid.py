@@ -62,12 +62,12 @@ def aggregate(config, steps) -> Path:
     upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
     per_base, table = {}, []
     for name, folder, prefix in sub_studies(config):
-        rows, ious, seed_ious = collect(config, steps, prefix)
-        csv_rows = result_rows(rows)  # each with its bootstrap interval: computed once
+        results = collect(config, steps, prefix)
+        csv_rows = result_rows(results.rows)  # each with its bootstrap interval: computed once
         write_csv_atomic(folder / "results.csv", csv_rows, RESULT_COLUMNS)
         title = f"Study: {config.name}" + (f", base {name}" if name else "")
-        report = write_report(folder, rows, ious, upstreams, config.downstream, title, config.note, seed_ious)
-        per_base[name] = (rows, ious, seed_ious)
+        report = write_report(folder, results, upstreams, config.downstream, title, config.note)
+        per_base[name] = results
         table += [row | {"base": name} for row in csv_rows]
     if not config.bases:
         return report
@@ -97,10 +97,14 @@ def main():
     parser.add_argument("--rerun_stale", action="store_true", help="move the outputs of stale steps aside (to <output_dir>/stale/) and run them again")
     parser.add_argument("--status", action="store_true", help="print every step's state from its record, start nothing")
     parser.add_argument("--report_only", action="store_true", help="write REPORT.md and results.csv from the finished steps (the last Slurm job)")
+    parser.add_argument("--output_dir", help="the study's folder instead of the config's output_dir (e.g. --report_only on a published "
+                        "study: python run_grid.py --config configs/bias.yaml --output_dir docs/bias-study/study --report_only)")
     args = parser.parse_args()
     if args.slots < 1:
         raise UsageError(f"--slots {args.slots}: expected a positive number of steps at a time")
     config = load_config(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
     check_flags(config)
     steps = plan(config)
     if args.status:

@@ -11,6 +11,7 @@ import yaml
 
 from tests.conftest import TINY_CONFIG, grid, result_row, write_study
 from utils.bases import advantage_pairs, compare_bases
+from utils.records import StudyResults
 from utils.grid import load_config, plan
 
 SSL = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "mask_time_prob": 0.5, "mask_time_length": 5,
@@ -93,7 +94,7 @@ def test_comparison_matches_hand_computed_values():
     labels = ["en", "de", "es", "base"]
     ious = {0.8: {"per_seed": [_iou(labels, {frozenset(("en", "base")): 0.5}), _iou(labels, {frozenset(("en", "base")): 0.7})]}}
     seed_iou = {"pairs": [{"a": "en@0", "b": "en@1", "iou": 0.3, "random_iou": 0.1}], "layers": []}
-    text, numbers = compare_bases({"A": (a, ious, {0.8: seed_iou}), "B": (b, {}, {})}, 0.8, ["en", "de", "es"], ["ca"], "en")
+    text, numbers = compare_bases({"A": StudyResults(a, ious, {0.8: seed_iou}, []), "B": StudyResults(b, {}, {}, [])}, 0.8, ["en", "de", "es"], ["ca"], "en")
     # Base A: seed 0 en .30 de .60 es .40 -> advantage mean(.30, .10) = .20; seed 1 en .20 de .40 es .40 -> .20; pooled en .25 de .50 es .40 -> .20.
     # Base B: seed 0 en .30 de .30 es .40 -> .05; seed 1 en .40 de .30 es .30 -> -.10; pooled en .35 de .30 es .35 -> -.025.
     adv = numbers["advantage"]

@@ -3,7 +3,6 @@
 final files are compared with an uninterrupted run: bit-identical weights, predictions and masks."""
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -22,8 +22,9 @@ from tests.faults import KILLED, faulty, last_line
 from utils.grid import load_config, plan
 from utils.masks import Mask
 from utils.metrics import read_predictions
+from utils.records import StudyResults
 from utils.report import cer_table, paired_table, write_report
-from utils.stats import Rates, paired_difference_interval, rate_interval
+from utils.stats import Rates, cell_interval, difference_interval, rate_interval
 
 GRID_SECRET = "hf_grid_secret_token"
 
@@ -222,7 +223,7 @@ def test_results_intervals_and_noise_floor_recompute_from_the_files(finished_stu
         assert float(csv_rows[str(seed)]["test_cer_low"]) == pytest.approx(ci.low) and float(csv_rows[str(seed)]["test_cer_high"]) == pytest.approx(ci.high)
         assert ci.low <= result["test_cer"] <= ci.high
     report = (study / "REPORT.md").read_text()
-    pooled = rate_interval(Rates.from_seeds(per_seed))
+    pooled = cell_interval(Rates.from_seeds(per_seed, [0, 1]), "ca")  # training noise (2 seeds) and test sampling
     seed_cers = Rates.from_seeds(per_seed).per_seed()
     assert f"{100 * pooled.estimate:.2f} ± {100 * np.std(seed_cers, ddof=1):.2f} [{100 * pooled.low:.2f}, {100 * pooled.high:.2f}]" in report
     # The seed-to-seed IoU: the en tickets of seeds 0 and 1, against a numpy reference on the masks.
@@ -296,18 +297,21 @@ def test_report_numbers_match_the_inputs(tmp_path):
     ]
     table, numbers = cer_table(rows, 0.9, ["en", "de"], ["ca", "en", "de"])
     lines = table.splitlines()
-    assert lines[0] == "| upstream ticket \\ downstream | ca | en | de | avg non-matching |"
-    en_ca = Rates.from_seeds([([3, 6, 3, 6], n), ([3, 7, 3, 7], n)])  # 30% and 33.33%: pooled 31.67, sd 2.36
-    ci = rate_interval(en_ca)
-    assert lines[2].startswith(f"| **en** | **31.67 ± 2.36 [{100 * ci.low:.2f}, {100 * ci.high:.2f}]** | **10.00 [")
+    assert lines[0] == "| upstream ticket \\ downstream | upstream model's own CER | ca | en | de | avg non-matching |"
+    en_ca = Rates.from_seeds([([3, 6, 3, 6], n), ([3, 7, 3, 7], n)], [0, 1])  # 30% and 33.33%: pooled 31.67, sd 2.36
+    ci = cell_interval(en_ca, "ca")
+    assert lines[2].startswith(f"| **en** | – | **31.67 ± 2.36 [{100 * ci.low:.2f}, {100 * ci.high:.2f}]** | **10.00 [")
     assert numbers["cells"]["en->ca"] == pytest.approx(19 / 60)
-    assert numbers["avg_non_matching"]["en"] == pytest.approx((19 / 60 + 0.4) / 2)
-    assert numbers["avg_non_matching"]["de"] == pytest.approx((43 / 120 + 0.5) / 2)
+    # A mean over languages pairs runs by seed: over the seeds all its cells have (seed 0 here, en->de and de->en ran once).
+    assert numbers["avg_non_matching"]["en"] == pytest.approx((18 / 60 + 0.4) / 2)
+    assert numbers["avg_non_matching"]["de"] == pytest.approx((21 / 60 + 0.5) / 2)
     paired, diffs = paired_table(rows, 0.9, ["en", "de"], ["ca", "en", "de"])
-    de_ca = Rates.from_seeds([([3, 7, 4, 7], n), ([4, 7, 4, 7], n)])
-    expected = paired_difference_interval({"ca": de_ca}, {"ca": en_ca})
-    assert diffs["de-en@ca"] == {"estimate": pytest.approx(expected.estimate), "low": expected.low, "high": expected.high}
+    de_ca = Rates.from_seeds([([3, 7, 4, 7], n), ([4, 7, 4, 7], n)], [0, 1])
+    expected = difference_interval({"ca": de_ca}, {"ca": en_ca})
+    assert diffs["de-en@ca"] == {"estimate": pytest.approx(expected.estimate), "low": expected.low, "high": expected.high, "p": expected.p_value, "marked": False}
     assert f"{100 * expected.estimate:+.2f} [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]" in paired
+    # Like with like: the averages of en (over ca, de) and de (over ca, en) are compared over ca alone, the one language neither owns.
+    assert {k: diffs["de-en@avg"][k] for k in ("estimate", "low", "high")} == {k: diffs["de-en@ca"][k] for k in ("estimate", "low", "high")}
     iou = {
         "labels": ["en", "de", "base"], "matrix": [[1, 0.8, 0.7], [0.8, 1, 0.6], [0.7, 0.6, 1]],
         "random_matrix": [[float("nan"), 0.05, 0.05], [0.05, float("nan"), 0.05], [0.05, 0.05, float("nan")]],
@@ -320,7 +324,7 @@ def test_report_numbers_match_the_inputs(tmp_path):
         {"a": "en@0", "b": "en@1", "iou": 0.5, "random_iou": 0.05}, {"a": "en@0", "b": "de@0", "iou": 0.4, "random_iou": 0.05},
         {"a": "en@1", "b": "de@1", "iou": 0.44, "random_iou": 0.05}, {"a": "de@0", "b": "de@1", "iou": 0.6, "random_iou": 0.05},
     ], "layers": []}
-    path = write_report(tmp_path, rows, {0.9: iou}, ["en", "de"], ["ca", "en", "de"], "Test study", seed_ious={0.9: seeds})
+    path = write_report(tmp_path, StudyResults(rows, {0.9: iou}, {0.9: seeds}, []), ["en", "de"], ["ca", "en", "de"], "Test study")
     text = path.read_text()
     assert "## Sparsity 90%" in text and lines[2] in text
     # diagonal 100; chance-corrected (0.8 - 0.05) / 0.95 = 78.95

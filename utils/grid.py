@@ -43,7 +43,7 @@ from .layout import IOU_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, s
 from .masks import MASK_FILE, check_sparsity
 from .mixture import parse_mixture
 from .model import has_local_config_only
-from .records import IoUSummary, StepRecord, TransferResult
+from .records import IoUSummary, StepRecord, StudyResults, TransferResult
 from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -562,21 +562,27 @@ def _alive(pid: Any) -> bool:
         return False
 
 
-def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> tuple[list[dict], dict[float, dict], dict[float, dict]]:
+def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyResults:
     """What the finished steps of one study (``prefix``: its base's, see ``sub_studies``) wrote:
-    transfer results (each with its per-utterance test rows, checked against the result), IoU
-    summaries per sparsity (matrices averaged over seeds), and the seed-to-seed IoU summaries per
-    sparsity."""
+    transfer results and upstream fine-tunes (each with its per-utterance test rows, checked
+    against the result), IoU summaries per sparsity (matrices averaged over seeds), and the
+    seed-to-seed IoU summaries per sparsity."""
     from .metrics import predictions_path, read_predictions
 
     steps = [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
     layout = StudyLayout(next(folder for _, folder, p in sub_studies(config) if p == prefix))
-    rows = []
+    rows, own = [], []
     for step in steps:
         if step.kind == "transfer" and step.done.is_file():
             result = TransferResult.read(step.done).to_dict()
             result["utterances"] = read_predictions(predictions_path(step.output, "test"), result["test_cer"], result["test_samples"])
             rows.append(result)
+        elif step.kind == "finetune" and step.done.is_file():
+            metrics = json.loads(step.done.read_text(encoding="utf-8"))
+            if "test_cer" not in metrics:  # a fine-tune without a test split: no own CER to show
+                continue
+            utterances = read_predictions(predictions_path(step.output, "test"), metrics["test_cer"], metrics["test_samples"])
+            own.append({"upstream": step.settings["language"], "seed": step.settings["seed"], "test_cer": metrics["test_cer"], "utterances": utterances})
     ious: dict[float, dict] = {}
     seed_ious: dict[float, dict] = {}
     for s in config.sparsities:
@@ -593,4 +599,4 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> tuple[l
         across = [st for st in steps if st.kind == "iou" and st.output == layout.seeds_iou(s) and st.done.is_file()]
         if across:
             seed_ious[s] = IoUSummary.read(across[0].done).to_dict()
-    return rows, ious, seed_ious
+    return StudyResults(rows, ious, seed_ious, own, config.shared_base)

@@ -129,3 +129,17 @@ class StepRecord(_Record):
     pid: Optional[int] = None
     returncode: Optional[int] = None
     log: Optional[str] = None
+
+
+@dataclass
+class StudyResults:
+    """What the finished steps of one study wrote, as the report reads it (``utils.grid.collect``):
+    transfer runs and upstream fine-tunes (each a dict with its per-utterance test rows under
+    ``utterances``), IoU summaries per sparsity (matrices averaged over seeds, ``per_seed`` kept),
+    the seed-to-seed IoU per sparsity, and whether every seed started from one shared base."""
+
+    rows: list[dict]
+    ious: dict[float, dict]
+    seed_ious: dict[float, dict]
+    own: list[dict]  # upstream fine-tunes: {"upstream", "seed", "test_cer", "utterances"}
+    shared_base: bool = False

@@ -1,10 +1,13 @@
 """Tables and pictures: CSV files, the IoU heatmap and per-layer plot, CER-vs-sparsity curves, and
 the study's REPORT.md, built only from what the runs wrote (no value is typed in).
 
-Every CER comes with its 95% bootstrap interval over test utterances, recomputed from the
-``predictions_test.jsonl`` each transfer wrote (see ``utils.stats``); every comparison the paper
-makes is a paired difference with its interval; every IoU stands beside the random baseline, its
-chance-corrected value and, with several seeds, the seed-to-seed IoU of the same language."""
+Every CER in a report comes with an interval that counts training noise (between seeds) and
+test-set sampling (over utterances), recomputed from the ``predictions_test.jsonl`` each run wrote
+(see ``utils.stats``); every comparison is paired by utterance and seed, compares like with like
+(the same downstream languages on both sides), and is marked only when it survives Holm-Bonferroni
+correction over its table; every table of comparisons says what difference its design could have
+detected. Every IoU stands beside the random baseline, its chance-corrected value and, with several
+seeds, the seed-to-seed IoU of the same language."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import csv
 import math
 import os
 from collections import defaultdict
+from itertools import combinations
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Optional
@@ -27,13 +31,26 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import UsageError
 from .iou import chance_corrected
+from .records import StudyResults
 from .runs import atomic_open
-from .stats import CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, mean_rate_interval, paired_difference_interval, rate_interval
+from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm, mean_interval, rate_interval
 
 RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
                   "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s"]
-METHOD = (f"{CONFIDENCE:.0%} intervals: percentile bootstrap over test utterances ({N_RESAMPLES:,} resamples, seed {SEED}; "
-          "scipy.stats.bootstrap), recomputed from each run's predictions_test.jsonl")
+PER_RUN_METHOD = (f"results.csv: one row per run, its {CONFIDENCE:.0%} interval a percentile bootstrap over that run's test utterances "
+                  f"({N_RESAMPLES:,} resamples, seed {SEED}; scipy.stats.bootstrap), test-set sampling only")
+
+
+def intervals_method(seeds: int) -> str:
+    """What the intervals of a report with ``seeds`` seeds count, in one paragraph."""
+    if seeds > 1:
+        return (f"{seeds} seeds: each cell is the mean over seeds ± their standard deviation, and its {CONFIDENCE:.0%} interval counts both "
+                "sources of noise: training (between seeds: a Student t with k − 1 degrees of freedom) and test-set sampling (over "
+                "utterances, delta method), computed from every run's predictions_test.jsonl (utils/stats.py; method and calibration in the "
+                "suite's docs/statistics.md).")
+    return ("**One seed: every interval covers test-set sampling only, not training noise**, so no difference is marked significant. "
+            "Intervals that count training noise need at least 2 seeds, and 3 or more in practice (with 2, a t with 1 degree of freedom "
+            "multiplies the standard error by 12.7; with 3, by 4.3; with 5, by 2.8).")
 
 
 def write_csv_atomic(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
@@ -50,20 +67,26 @@ def save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def plot_iou_heatmap(labels: list[str], matrix: list[list[float]], random_matrix: list[list[float]], title: str, path: str | os.PathLike) -> None:
-    """Heatmap of the IoU matrix, each cell annotated with its IoU and the random baseline."""
+    """Heatmap of the chance-corrected IoU, its colour scale spent on the off-diagonal cells (the
+    diagonal, 1 by definition, is left blank); each cell annotated with its IoU and chance-corrected value."""
     n = len(labels)
+    corrected = np.array([[chance_corrected(matrix[i][j], random_matrix[i][j]) if i != j else np.nan for j in range(n)] for i in range(n)])
+    off = corrected[~np.isnan(corrected)]
+    low, high = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
+    if high - low < 1e-6:
+        low, high = low - 0.01, high + 0.01
     fig, ax = plt.subplots(figsize=(1.2 * n + 2, 1.0 * n + 1.5))
-    off_diagonal = [matrix[i][j] for i in range(n) for j in range(n) if i != j]
-    low = min(off_diagonal) if off_diagonal else 0.0
-    image = ax.imshow(matrix, cmap="viridis", vmin=max(0.0, low - 0.02), vmax=1.0)
+    image = ax.imshow(np.ma.masked_invalid(corrected), cmap="viridis", vmin=low, vmax=high)
     ax.set_xticks(range(n), labels)
     ax.set_yticks(range(n), labels)
     for i in range(n):
         for j in range(n):
-            text = f"{matrix[i][j]:.3f}" if i == j else f"{matrix[i][j]:.3f}\n(rnd {random_matrix[i][j]:.3f})"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if matrix[i][j] < (1 + low) / 2 else "black")
-    fig.colorbar(image, ax=ax, label="IoU of kept weights")
-    ax.set_title(title)
+            if i == j:
+                continue
+            text = f"{100 * matrix[i][j]:.1f}\n({100 * corrected[i, j]:.1f})"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if corrected[i, j] < (low + high) / 2 else "black")
+    fig.colorbar(image, ax=ax, label="chance-corrected IoU (off-diagonal range)")
+    ax.set_title(title + "\nIoU % (chance-corrected %)", fontsize=10)
     save_figure(fig, path)
 
 
@@ -108,18 +131,28 @@ def plot_noise_floor(layers: list[dict], title: str, path: str | os.PathLike) ->
 
 
 def plot_cer_curves(rows: list[dict], path: str | os.PathLike) -> None:
-    """Mean test CER over non-matching downstream languages against sparsity, a line per upstream."""
-    by_upstream = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["upstream"] != r["downstream"]:
-            by_upstream[r["upstream"]][r["sparsity"]].append(r["test_cer"])  # several seeds: their mean
+    """Mean test CER over non-matching downstream languages against sparsity, a line per upstream,
+    each point with its interval (seeds and utterances, see ``intervals_method``)."""
+    sparsities = sorted({r["sparsity"] for r in rows})
+    upstreams = sorted({r["upstream"] for r in rows})
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for upstream in sorted(by_upstream):
-        xs = sorted(by_upstream[upstream])
-        ax.plot(xs, [100 * mean(by_upstream[upstream][x]) for x in xs], marker="o", label=upstream)
+    for offset, upstream in enumerate(upstreams):
+        xs, ys, errs = [], [], [[], []]
+        for s in sparsities:
+            cells = cells_at(rows, s)
+            own = {d: cell_rates(runs) for (u, d), runs in cells.items() if u == upstream and d != upstream}
+            if not own:
+                continue
+            ci = mean_interval(own)
+            xs.append(s + 0.004 * (offset - (len(upstreams) - 1) / 2))  # side by side, not on top of each other
+            ys.append(100 * ci.estimate)
+            errs[0].append(100 * (ci.estimate - ci.low))
+            errs[1].append(100 * (ci.high - ci.estimate))
+        if xs:
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, label=upstream)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("mean test CER (%) on non-matching languages")
-    ax.set_title("Transfer CER by upstream ticket")
+    ax.set_title(f"Transfer CER by upstream ticket ({CONFIDENCE:.0%} intervals)")
     ax.legend(title="upstream")
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -172,73 +205,130 @@ def cells_at(rows: list[dict], sparsity: float) -> dict[tuple[str, str], list[di
 
 
 def cell_rates(runs: list[dict]) -> Rates:
-    return Rates.from_seeds([_edits(r) for r in runs])
+    """The edit counts of one cell's runs, one row per seed (named by the runs' seeds)."""
+    return Rates.from_seeds([_edits(r) for r in runs], [r["seed"] for r in runs])
+
+
+def own_rates(own: list[dict]) -> dict[str, Rates]:
+    """Each upstream model's own test runs (its language's test set), one row per seed."""
+    by_language: dict[str, list[dict]] = defaultdict(list)
+    for r in own:
+        by_language[r["upstream"]].append(r)
+    return {u: cell_rates(sorted(runs, key=lambda r: r["seed"])) for u, runs in by_language.items()}
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def _fmt_cell(runs: list[dict]) -> str:
-    """CER (%), ± standard deviation over seeds when there are several, and the bootstrap interval."""
-    if not runs:
-        return "–"
-    rates = cell_rates(runs)
-    ci = rate_interval(rates)
-    spread = f" ± {pct(stdev(rates.per_seed()))}" if len(runs) > 1 else ""
+def fmt_rate(rates: Rates, test_set: str) -> str:
+    """CER (%), ± standard deviation over seeds when there are several, and the interval."""
+    ci = cell_interval(rates, test_set)
+    spread = f" ± {pct(stdev(rates.per_seed()))}" if len(rates.seeds) > 1 else ""
     return f"{pct(ci.estimate)}{spread} [{pct(ci.low)}, {pct(ci.high)}]"
 
 
-def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstreams: list[str]) -> tuple[str, dict]:
+def fmt_difference(ci: Interval, marked: bool, spread: Optional[list[float]] = None) -> str:
+    """A difference in percentage points with its interval, \\* when marked, and the seed sd of the per-seed differences."""
+    sd = f"; seed sd {pct(stdev(spread))}" if spread is not None and len(spread) > 1 else ""
+    return f"{100 * ci.estimate:+.2f} [{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]" + (" \\*" if marked else "") + sd
+
+
+def negated(ci: Interval) -> Interval:
+    return Interval(-ci.estimate, -ci.high, -ci.low, ci.se, ci.df, ci.seeds)
+
+
+def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstreams: list[str], own: Optional[list[dict]] = None) -> tuple[str, dict]:
     """The paper's transfer table at one sparsity: CER (%) of every upstream ticket (rows) on every
     downstream language (columns) with intervals; best per column in bold, matched language marked
-    †, and the average over non-matching languages with its (stratified) interval. Returns the
-    markdown and the numbers used."""
+    †, the upstream model's own test CER (the confound every transfer comparison carries), and the
+    average over the ticket's non-matching languages. Returns the markdown and the numbers used."""
     cells = cells_at(rows, sparsity)
     rates = {key: cell_rates(runs) for key, runs in cells.items()}
+    upstream_rates = own_rates(own or [])
     best = {}
     for d in downstreams:
         values = [rates[(u, d)].rate() for u in upstreams if (u, d) in rates]
         best[d] = min(values) if values else None
     table, averages = [], {}
     for u in upstreams:
-        line = [f"**{u}**"]
+        line = [f"**{u}**", fmt_rate(upstream_rates[u], u) if u in upstream_rates else "–"]
         for d in downstreams:
-            text = _fmt_cell(cells.get((u, d), []))
+            text = fmt_rate(rates[(u, d)], d) if (u, d) in rates else "–"
             if (u, d) in rates and math.isclose(rates[(u, d)].rate(), best[d]):
                 text = f"**{text}**"
             if u == d:
                 text += " †"
             line.append(text)
         non_matching = {d: rates[(u, d)] for d in downstreams if d != u and (u, d) in rates}
-        averages[u] = mean_rate_interval(non_matching) if non_matching else None
+        averages[u] = mean_interval(non_matching) if non_matching else None
         line.append(f"{pct(averages[u].estimate)} [{pct(averages[u].low)}, {pct(averages[u].high)}]" if averages[u] else "–")
         table.append(line)
-    header = ["upstream ticket \\ downstream"] + downstreams + ["avg non-matching"]
-    numbers = {"cells": {f"{u}->{d}": float(r.rate()) for (u, d), r in rates.items()}, "avg_non_matching": {u: (a.estimate if a else None) for u, a in averages.items()}}
+    header = ["upstream ticket \\ downstream", "upstream model's own CER"] + downstreams + ["avg non-matching"]
+    numbers = {"cells": {f"{u}->{d}": float(r.rate()) for (u, d), r in rates.items()}, "avg_non_matching": {u: (a.estimate if a else None) for u, a in averages.items()},
+               "own": {u: float(r.rate()) for u, r in upstream_rates.items()}}
     return markdown_table(header, table), numbers
 
 
-def _seed_spread(a: list[dict], b: list[dict]) -> str:
-    """Standard deviation over seeds of the per-seed difference a - b (seeds matched by number)."""
-    by_seed = {r["seed"]: r["test_cer"] for r in b}
-    diffs = [r["test_cer"] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
-    return f"; seed sd {pct(stdev(diffs))}" if len(diffs) > 1 else ""
+def _per_seed_difference(a: Rates, b: Rates) -> list[float]:
+    seeds = [s for s in a.seeds if s in b.seeds]
+    return list(a.only(seeds).per_seed() - b.only(seeds).per_seed())
 
 
-def _fmt_difference(ci: Interval, spread: str = "") -> str:
-    mark = " \\*" if ci.excludes_zero else ""
-    return f"{100 * ci.estimate:+.2f} [{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]{mark}{spread}"
+def comparison_family(rates: dict[tuple[str, str], Rates], upstreams: list[str], downstreams: list[str]) -> dict[str, Interval]:
+    """Every pairwise comparison a transfer table at one sparsity implies: each pair of tickets on
+    each downstream language (``a-b@d``), and each pair's means over the downstream languages that
+    are neither ticket's own (``a-b@avg``, like with like). Holm's correction runs over all of them,
+    so picking the best ticket of a column after seeing the data cannot manufacture a mark."""
+    family: dict[str, Interval] = {}
+    for d in downstreams:
+        present = [u for u in upstreams if (u, d) in rates]
+        for a, b in combinations(present, 2):
+            family[f"{a}-{b}@{d}"] = difference_interval({d: rates[(a, d)]}, {d: rates[(b, d)]})
+    for a, b in combinations(upstreams, 2):
+        shared = [d for d in downstreams if d not in (a, b) and (a, d) in rates and (b, d) in rates]
+        if shared:
+            family[f"{a}-{b}@avg"] = difference_interval({d: rates[(a, d)] for d in shared}, {d: rates[(b, d)] for d in shared})
+    return family
+
+
+def marks(family: dict[str, Interval]) -> dict[str, bool]:
+    """Holm-Bonferroni over a table's comparisons; nothing is marked when they count one seed only."""
+    names = list(family)
+    if not names or min(ci.seeds for ci in family.values()) < 2:
+        return {name: False for name in names}
+    return dict(zip(names, holm([family[n].p_value for n in names])))
+
+
+def _lookup(family: dict[str, Interval], a: str, b: str, where: str) -> tuple[Optional[str], Optional[Interval]]:
+    """``a - b`` at ``where`` from the family (stored in either order)."""
+    if f"{a}-{b}@{where}" in family:
+        return f"{a}-{b}@{where}", family[f"{a}-{b}@{where}"]
+    if f"{b}-{a}@{where}" in family:
+        return f"{b}-{a}@{where}", negated(family[f"{b}-{a}@{where}"])
+    return None, None
 
 
 def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downstreams: list[str]) -> tuple[str, dict]:
-    """Every ticket against the best one of its column: CER difference (percentage points) with a
-    paired bootstrap interval over the same test utterances (seeds pooled), * when it excludes 0;
-    the last column compares averages over non-matching languages the same way."""
+    """Every ticket against the best one of its column: CER difference (percentage points) paired by
+    utterance and seed, with its interval; \\* when it survives Holm's correction over the whole
+    family (``comparison_family``). The last column compares the two tickets' means over the same
+    downstream languages. Returns the markdown (with the detectable-difference line) and the numbers."""
     cells = cells_at(rows, sparsity)
     rates = {key: cell_rates(runs) for key, runs in cells.items()}
+    family = comparison_family(rates, upstreams, downstreams)
+    marked = marks(family)
     numbers: dict[str, dict] = {}
     columns: dict[str, dict[str, str]] = defaultdict(dict)
+
+    def show(u: str, best: str, where: str, spread: Optional[list[float]]) -> None:
+        key, ci = _lookup(family, u, best, where)
+        if ci is None:
+            columns[u][where] = "–"
+            return
+        numbers[f"{u}-{best}@{where}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value, "marked": marked[key]}
+        columns[u][where] = fmt_difference(ci, marked[key], spread)
+
     for d in downstreams:
         present = [u for u in upstreams if (u, d) in rates]
         if not present:
@@ -247,24 +337,22 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
         for u in present:
             if u == best:
                 columns[u][d] = f"best ({pct(rates[(u, d)].rate())})"
-                continue
-            ci = paired_difference_interval({d: rates[(u, d)]}, {d: rates[(best, d)]})
-            numbers[f"{u}-{best}@{d}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
-            columns[u][d] = _fmt_difference(ci, _seed_spread(cells[(u, d)], cells[(best, d)]))
-    non_matching = {u: {d: rates[(u, d)] for d in downstreams if d != u and (u, d) in rates} for u in upstreams}
-    non_matching = {u: v for u, v in non_matching.items() if v}
-    if non_matching:
-        best = min(non_matching, key=lambda u: np.mean([r.rate() for r in non_matching[u].values()]))
-        for u in non_matching:
+            else:
+                show(u, best, d, _per_seed_difference(rates[(u, d)], rates[(best, d)]))
+    own_sets = {u: [d for d in downstreams if d != u and (u, d) in rates] for u in upstreams}
+    ranked = [u for u in upstreams if own_sets[u]]
+    if ranked:
+        best = min(ranked, key=lambda u: np.mean([rates[(u, d)].rate() for d in own_sets[u]]))
+        for u in ranked:
             if u == best:
                 columns[u]["avg"] = "best"
-                continue
-            ci = paired_difference_interval(non_matching[u], non_matching[best])
-            numbers[f"{u}-{best}@avg"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
-            columns[u]["avg"] = _fmt_difference(ci)
+            else:
+                show(u, best, "avg", None)
     table = [[f"**{u}**"] + [columns[u].get(d, "–") for d in downstreams] + [columns[u].get("avg", "–")] for u in upstreams]
-    header = ["ticket − best (pp)"] + downstreams + ["avg non-matching"]
-    return markdown_table(header, table), numbers
+    header = ["ticket − best (pp)"] + downstreams + ["avg non-matching (same languages)"]
+    text = markdown_table(header, table)
+    line = detectable_line(list(family.values()))
+    return text + (f"\n\n{line}" if line else ""), numbers | {"family": {k: {"estimate": v.estimate, "low": v.low, "high": v.high, "p": v.p_value, "marked": marked[k]} for k, v in family.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +419,7 @@ def _stat(rows: list[dict], key: str = "iou") -> str:
     return f"{pct(mean(values))}{spread}"
 
 
-def noise_floor_markdown(seed_iou: dict) -> str:
+def noise_floor_markdown(seed_iou: dict, shared_base: bool = False) -> str:
     summary, layers = noise_floor(seed_iou)
     table = []
     for label in sorted(summary, key=lambda x: (x == "base", x)):
@@ -343,7 +431,13 @@ def noise_floor_markdown(seed_iou: dict) -> str:
     header = ["ticket", "same language, other seed", "(chance-corr.)", "other languages, same seed", "(chance-corr.)", "vs base, same seed", "random"]
     text = markdown_table(header, table)
     text += ("\n\nIoU (%) as mean [min, max] over the pairs of seeds or languages. If a language's tickets overlap across seeds about as much "
-             "as different languages' tickets do, the cross-language differences are within the noise of training.")
+             "as different languages' tickets do, the cross-language differences are within the noise of training. ")
+    text += ("Every seed started from one shared base (as every seed of an XLS-R study starts from the one checkpoint): the same language's "
+             "tickets across seeds differ only by fine-tuning noise, so their overlap is the noise floor that cross-language overlap is read against."
+             if shared_base else
+             "Each seed made its own base (initial weights and pretraining), so the same language's tickets across seeds also differ by "
+             "their base: overlap near chance across seeds is expected by construction, and it is not the noise floor of a study on one "
+             "checkpoint such as XLS-R (a study config's `shared_base: true` measures that one).")
     groups = sorted({r["group"] for r in layers}, key=int)
     if groups:
         per_layer = [[g, _stat([r for r in layers if r["group"] == g and r["kind"] == "seed-to-seed"]),
@@ -357,44 +451,41 @@ def noise_floor_markdown(seed_iou: dict) -> str:
 # REPORT.md
 
 
-def write_report(
-    study_dir: str | os.PathLike,
-    rows: list[dict],
-    ious: dict[float, dict],
-    upstreams: list[str],
-    downstreams: list[str],
-    title: str,
-    note: Optional[str] = None,
-    seed_ious: Optional[dict[float, dict]] = None,
-) -> Path:
+def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams: list[str], downstreams: list[str], title: str,
+                 note: Optional[str] = None) -> Path:
     """REPORT.md with the transfer tables per sparsity (intervals, paired comparisons), IoU
     matrices, the seed-to-seed noise floor, and pictures in figures/."""
     study_dir = Path(study_dir)
     figures = study_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    seed_ious = seed_ious or {}
+    rows, ious, seed_ious = results.rows, results.ious, results.seed_ious
     sparsities = sorted({r["sparsity"] for r in rows} | set(ious) | set(seed_ious))
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"# {title}\n"]
     if note:
         parts.append(note + "\n")
     parts.append(
-        "Test CER (%) of each upstream ticket fine-tuned on each downstream language, with its "
-        f"{METHOD}. " + (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}): mean ± standard deviation over seeds, the interval pooled over seeds "
-                        "on the shared test utterances. " if len(seeds) > 1 else "One seed: the interval covers test-set sampling only, not training noise. ")
-        + "**Bold**: best in its column. †: upstream = downstream (the matched diagonal). Last column: mean over the non-matching languages, "
-        "its interval from resampling each language's utterances independently.\n"
+        "Test CER (%) of each upstream ticket fine-tuned on each downstream language. " + intervals_method(len(seeds))
+        + (f" Seeds: {', '.join(map(str, seeds))}" + ("; every seed started from one shared base." if results.shared_base else "; each seed made its own base.")
+           if len(seeds) > 1 else "")
+        + " **Bold**: best in its column. †: upstream = downstream (the matched diagonal). Second column: the upstream model's own test CER "
+        "on its language (before pruning): a ticket from a weaker model may transfer worse for that reason alone. Last column: the ticket's "
+        f"mean over the downstream languages other than its own (a description; comparisons below use the same languages on both sides). {PER_RUN_METHOD}.\n"
     )
     for s in sparsities:
         if not any(abs(r["sparsity"] - s) < 1e-9 for r in rows):
             continue
-        table, _ = cer_table(rows, s, upstreams, downstreams)
+        table, _ = cer_table(rows, s, upstreams, downstreams, results.own)
         parts.append(f"## Sparsity {s:.0%}\n\n{table}\n")
-        paired, _ = paired_table(rows, s, upstreams, downstreams)
+        paired, numbers = paired_table(rows, s, upstreams, downstreams)
         parts.append(
-            f"Paired comparisons at {s:.0%}: CER of each ticket minus the best ticket's in that column, in percentage points, with a "
-            f"{CONFIDENCE:.0%} paired bootstrap interval over the same test utterances" + (" (seeds pooled; seed sd: standard deviation of the per-seed differences)" if len(seeds) > 1 else "")
-            + ". \\* marks a difference whose interval excludes 0.\n\n" + paired + "\n"
+            f"Paired comparisons at {s:.0%}: CER of each ticket minus the best ticket's in that column, in percentage points, paired by test "
+            f"utterance and seed, with {CONFIDENCE:.0%} intervals as above" + ("; seed sd: standard deviation of the per-seed differences" if len(seeds) > 1 else "")
+            + ". The last column compares the two tickets' means over the same downstream languages: those that are neither ticket's own. "
+            + (f"\\* marks a difference that survives Holm-Bonferroni correction (family-wise {ALPHA:g}) over all {len(numbers['family'])} pairwise "
+               "comparisons of this table (every pair of tickets in every column, not only the ones shown)."
+               if len(seeds) > 1 else "No marks: with one seed the intervals miss training noise.")
+            + "\n\n" + paired + "\n"
         )
     if rows:
         plot_cer_curves(rows, figures / "cer_vs_sparsity.png")
@@ -410,7 +501,7 @@ def write_report(
             parts.append(f"![IoU heatmap](figures/iou_heatmap_{tag}.png)\n\n![per-layer IoU](figures/iou_layers_{tag}.png)\n")
         if s in seed_ious:
             _, layers = noise_floor(seed_ious[s])
-            parts.append(f"### Noise floor at {s:.0%}: the same language's tickets across seeds\n\n{noise_floor_markdown(seed_ious[s])}\n")
+            parts.append(f"### Noise floor at {s:.0%}: the same language's tickets across seeds\n\n{noise_floor_markdown(seed_ious[s], results.shared_base)}\n")
             if layers:
                 plot_noise_floor(layers, f"IoU per layer at {s:.0%}: across seeds vs across languages", figures / f"iou_noise_floor_{tag}.png")
                 parts.append(f"![noise floor](figures/iou_noise_floor_{tag}.png)\n")
