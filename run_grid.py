@@ -32,7 +32,7 @@ from utils.bases import write_comparison
 from utils.data import DataArguments
 from utils.errors import UsageError
 from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
-from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, report_step, step_log_path, step_states, step_status, sub_studies
+from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_states, step_status, sub_studies
 from utils.records import TransferResult
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 from utils.runs import lock_folder, run_cli
@@ -99,6 +99,8 @@ def main():
     parser.add_argument("--report_only", action="store_true", help="write REPORT.md and results.csv from the finished steps (the last Slurm job)")
     parser.add_argument("--output_dir", help="the study's folder instead of the config's output_dir (e.g. --report_only on a published "
                         "study: python run_grid.py --config configs/bias.yaml --output_dir docs/bias-study/study --report_only)")
+    parser.add_argument("--publish", metavar="DIR", help="copy the files the report is computed from (results, test predictions, IoU) "
+                        "into DIR and write the report there: a folder anyone can re-render with --output_dir DIR --report_only")
     args = parser.parse_args()
     if args.slots < 1:
         raise UsageError(f"--slots {args.slots}: expected a positive number of steps at a time")
@@ -112,6 +114,11 @@ def main():
         return
     if not args.dry_run:  # one runner per study: a second one is refused, a killed one's lock taken over
         lock_folder(config.output_dir, "the study's output_dir")
+    if args.publish:
+        count = publish(config, steps, args.publish)
+        config.output_dir = args.publish
+        print(f"published {count} file(s); report: {aggregate(config, plan(config))}")
+        return
     if args.report_only:
         print(f"report: {aggregate(config, steps)}")
         return

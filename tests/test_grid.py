@@ -131,6 +131,38 @@ def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):
         "finetune/en", "prune/en/sparsity-0.80", "transfer/en-ca/sparsity-0.80", "iou/sparsity-0.80")} | {"iou-seeds/sparsity-0.80"}
 
 
+def test_a_shared_base_is_made_once_and_its_identity_says_so(tmp_path):
+    demo = ROOT / "configs" / "demo-seeds.yaml"
+    steps = plan(load_config(str(demo)))
+    by_id = {s.id: s for s in steps}
+    shared = [s for s in steps if s.kind in ("init", "pretrain")]
+    assert [s.id for s in shared] == ["shared-base/base-model", "shared-base/pretrain"]
+    assert all(s.identity["shared"] == "every seed" and s.settings["seed"] == 0 for s in shared)  # made with the first seed
+    for seed in (0, 1, 2):
+        assert by_id[f"seed-{seed}/finetune/en"].needs == ["shared-base/pretrain"] and by_id[f"seed-{seed}/finetune/en"].settings["seed"] == seed
+        assert by_id[f"seed-{seed}/prune/base/sparsity-0.70"].settings["model_name_or_path"] == by_id["shared-base/pretrain"].settings["output_dir"]
+    # Seed 0 of the shared-base study runs exactly make demo's steps (same settings, same base).
+    single = {s.id: s for s in plan(load_config(str(ROOT / "configs" / "demo.yaml")))}
+    for shared_id, own_id in (("shared-base/base-model", "seed-0/base-model"), ("shared-base/pretrain", "seed-0/pretrain")):
+        paths = ("model_name_or_path",)  # where the base it starts from lives
+        assert {k: v for k, v in by_id[shared_id].identity["settings"].items() if k not in paths} == {
+            k: v for k, v in single[own_id].identity["settings"].items() if k not in paths}
+    config = yaml.safe_load(demo.read_text())
+
+    def digests(**overrides):
+        edited = tmp_path / "edited.yaml"
+        edited.write_text(yaml.safe_dump(config | {"extends": str(demo.parent / "demo.yaml")} | overrides))
+        return {s.id: s.digest for s in plan(load_config(str(edited)))}
+
+    before = digests()
+    more = digests(seeds=[0, 1, 2, 3])  # another seed: the shared base and every seed's steps stay done; only the across-seed IoU grows
+    assert {k for k, v in before.items() if more[k] != v} == {"iou-seeds/sparsity-0.70", "iou-seeds/sparsity-0.90"}
+    lr = digests(ctc_pretrain=load_config(str(demo)).ctc_pretrain | {"mixture": {"en": 0.5, "de": 0.25, "es": 0.25}, "learning_rate": 1e-3})
+    changed = {k for k in before if lr[k] != before[k]}
+    assert "shared-base/pretrain" in changed and "shared-base/base-model" not in changed
+    assert {k for k in before if k.startswith(("seed-", "iou-seeds"))} <= changed  # everything after the base
+
+
 @pytest.fixture(scope="module")
 def finished_study(corpus_dir, tmp_path_factory):
     """A two-seed study killed mid-way and resumed; returns (config path, first-run info)."""

@@ -3,19 +3,15 @@ and the study intervals (seeds and utterances) against a hand-written reference 
 simulated studies with a known truth: coverage, the family-wise rate of marks under a null, and the
 adjustment for upstream quality with a planted confound.
 
-The simulated study (``simulate``; docs/statistics.md describes the same generator): utterance
-``i`` of a test set has ``l_i`` reference characters (uniform 20-79) and a difficulty ``b_i ~ N(0,
-0.10)`` shared by every run on that test set; each seed ``s`` has an offset ``g_s ~ N(0, tau/2)``
-shared by every cell of the seed (its base) and each cell-and-seed an offset ``a_cs ~ N(0, tau)``
-(training noise; tau = 0, 0.02 or 0.08: absent, moderate, large); each utterance-and-seed a noise
-``e ~ N(0, 0.05)``; the error probability ``mu_c + g_s + a_cs + b_i + e`` (clipped to [0.005,
-0.995]) draws ``Binomial(l_i, p)`` edits. The true CER of a cell is ``mu_c``."""
+The simulated studies come from ``tests/simulation.py`` (the generator ``bench/stats_calibration.py``
+also uses for the table in docs/statistics.md)."""
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
 from tests.conftest import result_row
+from tests.simulation import NOISE_LEVELS, simulate
 from utils.bases import compare_bases
 from utils.records import StudyResults
 from utils.report import paired_table
@@ -94,27 +90,9 @@ def test_study_interval_against_a_written_out_reference():
         combination_interval([(1.0, "ca", a), (-1.0, "ca", en)])
 
 
-def simulate(rng, seeds: int, n: int, tau: float, mus: dict[str, float], test_set: dict[str, str] | None = None) -> dict[str, Rates]:
-    """One simulated study (see the module docstring): a cell per name in ``mus``, on the test set
-    ``test_set[name]`` (all on one by default)."""
-    test_set = test_set or {c: "test" for c in mus}
-    sets = {}
-    for name in sorted(set(test_set.values())):
-        sets[name] = (rng.integers(20, 80, n), rng.normal(0, 0.10, n))
-    base = rng.normal(0, tau / 2, seeds)
-    cells = {}
-    for c, mu in mus.items():
-        lengths, difficulty = sets[test_set[c]]
-        offset = rng.normal(0, tau, seeds)
-        p = np.clip(mu + base[:, None] + offset[:, None] + difficulty[None, :] + rng.normal(0, 0.05, (seeds, n)), 0.005, 0.995)
-        tiled = np.tile(lengths, (seeds, 1))
-        cells[c] = Rates(rng.binomial(tiled, p).astype(float), tiled.astype(float))
-    return cells
-
-
 @pytest.mark.parametrize("seeds", [3, 5])
 def test_intervals_cover_the_truth_with_and_without_training_noise(seeds):
-    for tau in (0.0, 0.02, 0.08):
+    for tau in NOISE_LEVELS.values():
         rng = np.random.default_rng(100 * seeds + int(1000 * tau))
         covered = {"cell": 0, "difference": 0}
         studies = 500

@@ -562,6 +562,30 @@ def _alive(pid: Any) -> bool:
         return False
 
 
+def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -> int:
+    """Copy what the report reads (each finished transfer's and fine-tune's results and test
+    predictions, each IoU summary) from the study into ``target``, in the same layout, so the
+    report can be re-rendered there (``--report_only --output_dir target``). Returns the number of files."""
+    import shutil
+
+    from .metrics import predictions_path
+
+    source, target = Path(config.output_dir).resolve(), Path(target).resolve()
+    if source == target:
+        raise UsageError(f"--publish {target}: expected a folder other than the study's own output_dir")
+    count = 0
+    for step in steps:
+        if step.kind not in ("transfer", "finetune", "iou") or not step.done.is_file():
+            continue
+        files = [step.done] + ([predictions_path(step.output, "test")] if step.kind != "iou" else [])
+        for path in files:
+            dest = target / Path(path).resolve().relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+            count += 1
+    return count
+
+
 def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyResults:
     """What the finished steps of one study (``prefix``: its base's, see ``sub_studies``) wrote:
     transfer results and upstream fine-tunes (each with its per-utterance test rows, checked

@@ -150,6 +150,8 @@ def plot_cer_curves(rows: list[dict], path: str | os.PathLike) -> None:
             errs[1].append(100 * (ci.high - ci.estimate))
         if xs:
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4, label=upstream)
+    ax.set_xticks(sparsities, [f"{s:.0%}" for s in sparsities])
+    ax.set_xlim(min(sparsities) - 0.05, max(sparsities) + 0.05)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("mean test CER (%) on non-matching languages")
     ax.set_title(f"Transfer CER by upstream ticket ({CONFIDENCE:.0%} intervals)")
