@@ -355,6 +355,7 @@ def test_report_numbers_match_the_inputs(tmp_path):
     seeds = {"pairs": [
         {"a": "en@0", "b": "en@1", "iou": 0.5, "random_iou": 0.05}, {"a": "en@0", "b": "de@0", "iou": 0.4, "random_iou": 0.05},
         {"a": "en@1", "b": "de@1", "iou": 0.44, "random_iou": 0.05}, {"a": "de@0", "b": "de@1", "iou": 0.6, "random_iou": 0.05},
+        {"a": "en@0", "b": "de@1", "iou": 0.3, "random_iou": 0.05},
     ], "layers": []}
     path = write_report(tmp_path, StudyResults(rows, {0.9: iou}, {0.9: seeds}, []), ["en", "de"], ["ca", "en", "de"], "Test study")
     text = path.read_text()
@@ -362,7 +363,8 @@ def test_report_numbers_match_the_inputs(tmp_path):
     # diagonal 100; chance-corrected (0.8 - 0.05) / 0.95 = 78.95
     assert "| **en** | 100 | 80.00 (78.95) | 70.00 (68.42) |" in text and "5.00%" in text
     # noise floor: en across seeds 50, chance-corrected 47.37; en vs de within a seed: mean 42 over [40, 44]
-    assert "| **en** | 50.00 | 47.37 | 42.00 [40.00, 44.00] | 38.95 [36.84, 41.05] |" in text
+    # en vs de of another seed: 30, chance-corrected (0.3 - 0.05) / 0.95 = 26.32
+    assert "| **en** | 50.00 | 47.37 | 30.00 | 26.32 | 42.00 [40.00, 44.00] | 38.95 [36.84, 41.05] |" in text
     for png in ("cer_vs_sparsity.png", "iou_heatmap_0.90.png", "iou_layers_0.90.png"):
         assert (tmp_path / "figures" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -39,7 +39,7 @@ import numpy as np
 from .errors import UsageError
 from .iou import chance_corrected
 from .records import StudyResults
-from .report import cell_rates, cells_at, fmt_difference, fmt_rate, intervals_method, markdown_table, noise_floor, own_rates, pct, plt, save_figure
+from .report import per_seed_difference, cell_rates, cells_at, fmt_difference, fmt_rate, intervals_method, markdown_table, noise_floor, own_rates, pct, plt, save_figure
 from .stats import ALPHA, CONFIDENCE, Interval, Term, combination_interval, detectable_line, holm, mean_interval
 
 
@@ -138,7 +138,7 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
     names = list(per_base)
     results = {name: BaseResults(name, per_base[name], sparsity) for name in names}
     pairs = advantage_pairs(upstreams, downstreams, dominant)
-    numbers: dict = {"avg_non_matching": {}, "own": {}, "advantage": {}, "adjusted": {}, "slope": {}, "advantage_vs_reference": {},
+    numbers: dict = {"avg_non_matching": {}, "own": {}, "own_vs_reference": {}, "advantage": {}, "adjusted": {}, "slope": {}, "advantage_vs_reference": {},
                      "adjusted_vs_reference": {}, "iou_vs_base": {}}
     seeds = max(len(b.seeds) for b in results.values())
     parts = [intervals_method(seeds)]
@@ -166,6 +166,23 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
                  "downstream languages other than its own; mean ± seed sd [95% CI].\n\n"
                  + markdown_table(["upstream ticket"] + [h for n in names for h in (f"base {n}: own CER", f"base {n}: avg non-matching")], table))
 
+    # What each base did to fine-tuning itself: the upstream models' own CER, base minus reference.
+    reference = results[names[0]]
+    effects = [(name, u, combination_interval([(1.0, u, results[name].own[u]), (-1.0, u, reference.own[u])]),
+                per_seed_difference(results[name].own[u], reference.own[u]))
+               for name in names[1:] for u in upstreams if u in results[name].own and u in reference.own]
+    if effects:
+        flags = holm([ci.p_value for _, _, ci, _ in effects]) if min(ci.seeds for _, _, ci, _ in effects) > 1 else [False] * len(effects)
+        table = [[f"**{u}**", f"{name} − {names[0]}", fmt_difference(ci, flag), ", ".join(f"{100 * v:+.2f}" for v in per_seed)]
+                 for (name, u, ci, per_seed), flag in zip(effects, flags)]
+        for (name, u, ci, per_seed), flag in zip(effects, flags):
+            numbers["own_vs_reference"][f"{name}/{u}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value, "marked": flag, "per_seed": per_seed}
+        parts.append("The base's effect on fine-tuning itself: each upstream model's own test CER on the other base minus on the reference base "
+                     "(pp; negative: the other base fine-tunes to a lower CER), paired by seed and utterance"
+                     + (f"; \\* survives Holm-Bonferroni over these {len(effects)}." if min(ci.seeds for _, _, ci, _ in effects) > 1 else ".")
+                     + "\n\n" + markdown_table(["upstream model", "bases", "own CER difference [95% CI]", "per seed"], table)
+                     + "\n\n" + detectable_line([ci for _, _, ci, _ in effects]))
+
     # The dominant language's advantage, raw and adjusted, per base and against the reference base.
     if not pairs:
         parts.append(f"No dominant advantage: it needs an upstream language other than {dominant} and a downstream language other than both.")
@@ -183,7 +200,6 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
                 row.adjusted = combination_interval(adjusted[name][0], extra=[adjusted[name][1]])
                 row.adjusted_seeds = [base.seed_value(adjusted[name][0], s) for s in base.seeds]
             rows.append(row)
-        reference = results[names[0]]
         for name in names[1:]:
             base = results[name]
             shared = [s for s in base.seeds if s in reference.seeds]

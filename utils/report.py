@@ -272,7 +272,7 @@ def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstrea
     return markdown_table(header, table), numbers
 
 
-def _per_seed_difference(a: Rates, b: Rates) -> list[float]:
+def per_seed_difference(a: Rates, b: Rates) -> list[float]:
     seeds = [s for s in a.seeds if s in b.seeds]
     return list(a.only(seeds).per_seed() - b.only(seeds).per_seed())
 
@@ -340,7 +340,7 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
             if u == best:
                 columns[u][d] = f"best ({pct(rates[(u, d)].rate())})"
             else:
-                show(u, best, d, _per_seed_difference(rates[(u, d)], rates[(best, d)]))
+                show(u, best, d, per_seed_difference(rates[(u, d)], rates[(best, d)]))
     own_sets = {u: [d for d in downstreams if d != u and (u, d) in rates] for u in upstreams}
     ranked = [u for u in upstreams if own_sets[u]]
     if ranked:
@@ -389,9 +389,9 @@ def _split_label(label: str) -> tuple[str, str]:
 
 def noise_floor(seed_iou: dict) -> tuple[dict[str, dict], list[dict]]:
     """From the IoU of every ticket of every seed: per language, the IoU of its tickets across
-    seeds (the noise floor), against different languages within a seed and against the base;
-    and the same per layer."""
-    summary: dict[str, dict] = defaultdict(lambda: {"seed_to_seed": [], "cross_language": [], "vs_base": [], "random": []})
+    seeds (the noise floor), against different languages of other seeds (the comparison that
+    differs from it only by the language), of the same seed, and against the base; and per layer."""
+    summary: dict[str, dict] = defaultdict(lambda: {"seed_to_seed": [], "cross_both": [], "cross_language": [], "vs_base": [], "random": []})
     for row in seed_iou["pairs"]:
         (la, sa), (lb, sb) = _split_label(row["a"]), _split_label(row["b"])
         for mine, other, my_seed, other_seed in ((la, lb, sa, sb), (lb, la, sb, sa)):
@@ -400,12 +400,14 @@ def noise_floor(seed_iou: dict) -> tuple[dict[str, dict], list[dict]]:
                 break
             if mine != other and my_seed == other_seed and mine != "base":
                 summary[mine]["vs_base" if other == "base" else "cross_language"].append(row)
+            elif mine != other and "base" not in (mine, other):
+                summary[mine]["cross_both"].append(row)
     layers = []
     for row in seed_iou["layers"]:
         if row["group_kind"] != "layer" or not row["group"].isdigit():
             continue
         (la, sa), (lb, sb) = _split_label(row["a"]), _split_label(row["b"])
-        if la == lb and sa != sb:
+        if la == lb and sa != sb and la != "base":  # language tickets only (a shared base prunes to the same ticket in every seed)
             layers.append({"label": la, "kind": "seed-to-seed", **row})
         elif la != lb and sa == sb and "base" not in (la, lb):
             for label in (la, lb):
@@ -428,12 +430,16 @@ def noise_floor_markdown(seed_iou: dict, shared_base: bool = False) -> str:
         s = summary[label]
         cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["seed_to_seed"]]
         cross_cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["cross_language"]]
-        table.append([f"**{label}**", _stat(s["seed_to_seed"]), _stat(cc, "cc"), _stat(s["cross_language"]), _stat(cross_cc, "cc"), _stat(s["vs_base"]),
-                      _stat(s["seed_to_seed"] + s["cross_language"], "random_iou")])
-    header = ["ticket", "same language, other seed", "(chance-corr.)", "other languages, same seed", "(chance-corr.)", "vs base, same seed", "random"]
+        both_cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["cross_both"]]
+        table.append([f"**{label}**", _stat(s["seed_to_seed"]), _stat(cc, "cc"), _stat(s["cross_both"]), _stat(both_cc, "cc"),
+                      _stat(s["cross_language"]), _stat(cross_cc, "cc"), _stat(s["vs_base"]), _stat(s["seed_to_seed"] + s["cross_language"], "random_iou")])
+    header = ["ticket", "same language, other seed", "(chance-corr.)", "other languages, other seed", "(chance-corr.)", "other languages, same seed",
+              "(chance-corr.)", "vs base, same seed", "random"]
     text = markdown_table(header, table)
-    text += ("\n\nIoU (%) as mean [min, max] over the pairs of seeds or languages. If a language's tickets overlap across seeds about as much "
-             "as different languages' tickets do, the cross-language differences are within the noise of training. ")
+    text += ("\n\nIoU (%) as mean [min, max] over the pairs of seeds or languages. The first two pairs of columns differ only by the language "
+             "(both compare tickets of different seeds): if a language's tickets overlap across seeds about as much as other languages' "
+             "tickets of other seeds do, the cross-language differences are within the noise of training. Tickets of the same seed share "
+             "that seed's randomness (head initialisation, data order), which can raise their overlap whatever the language. ")
     text += ("Every seed started from one shared base (as every seed of an XLS-R study starts from the one checkpoint): the same language's "
              "tickets across seeds differ only by fine-tuning noise, so their overlap is the noise floor that cross-language overlap is read against."
              if shared_base else
