@@ -111,7 +111,12 @@ def _scaled(terms: list[Term], factor: float) -> list[Term]:
 
 @dataclass
 class _Row:
+    """One row of the advantage table: a base's advantage, or a base's minus the reference's."""
+
+    name: str
     label: str
+    sections: tuple[str, str]  # where its raw and adjusted numbers go
+    seeds: list[int]
     raw: Interval
     raw_seeds: list[Optional[float]]
     adjusted: Optional[Interval] = None
@@ -192,7 +197,7 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
         for name in names:
             base = results[name]
             terms = base.advantage_terms(pairs, dominant)
-            row = _Row(f"**{name}**", combination_interval(terms), [base.seed_value(terms, s) for s in base.seeds])
+            row = _Row(name, f"**{name}**", ("advantage", "adjusted"), base.seeds, combination_interval(terms), [base.seed_value(terms, s) for s in base.seeds])
             slope = base.slope(pairs) if dominant in base.own else None
             if slope is not None:
                 numbers["slope"][name] = {"estimate": slope.estimate, "se": slope.se, "df": slope.df}
@@ -208,26 +213,24 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
                 if ids[0] != ids[1]:
                     raise UsageError(f"bases {base.name!r} and {reference.name!r} were tested on different {d} utterances: expected the same test set to compare them")
             terms = base.advantage_terms(pairs, dominant) + _scaled(reference.advantage_terms(pairs, dominant), -1)
-            row = _Row(f"{name} − {names[0]}", combination_interval(terms), [base.seed_value(terms, s) for s in shared])
+            row = _Row(name, f"{name} − {names[0]}", ("advantage_vs_reference", "adjusted_vs_reference"), shared, combination_interval(terms),
+                       [base.seed_value(terms, s) for s in shared])
             if name in adjusted and names[0] in adjusted:
                 terms = adjusted[name][0] + _scaled(adjusted[names[0]][0], -1)
                 row.adjusted = combination_interval(terms, extra=[adjusted[name][1], adjusted[names[0]][1]])
                 row.adjusted_seeds = [base.seed_value(terms, s) for s in shared]
             rows.append(row)
-        family = [ci for row in rows for ci in (row.raw, row.adjusted) if ci is not None]
-        marked = holm([ci.p_value for ci in family]) if min(ci.seeds for ci in family) > 1 else [False] * len(family)
-        flags = dict(zip([id(ci) for ci in family], marked))
+        family = [(i, kind) for i, row in enumerate(rows) for kind in ("raw", "adjusted") if getattr(row, kind) is not None]
+        intervals = [getattr(rows[i], kind) for i, kind in family]
+        marked = dict(zip(family, holm([ci.p_value for ci in intervals]) if min(ci.seeds for ci in intervals) > 1 else [False] * len(family)))
         table = []
         for i, row in enumerate(rows):
-            name = names[i] if i < len(names) else names[i - len(names) + 1]
-            seed_names = results[name].seeds if i < len(names) else [s for s in results[name].seeds if s in reference.seeds]
-            section = ("advantage", "adjusted") if i < len(names) else ("advantage_vs_reference", "adjusted_vs_reference")
-            numbers[section[0]][name] = _interval_numbers(row.raw, flags[id(row.raw)], row.raw_seeds, seed_names)
-            numbers[section[1]][name] = _interval_numbers(row.adjusted, flags.get(id(row.adjusted), False), row.adjusted_seeds, seed_names)
+            numbers[row.sections[0]][row.name] = _interval_numbers(row.raw, marked[(i, "raw")], row.raw_seeds, row.seeds)
+            numbers[row.sections[1]][row.name] = _interval_numbers(row.adjusted, marked.get((i, "adjusted"), False), row.adjusted_seeds, row.seeds)
             raw_seeds, sd = _fmt_seeds(row.raw_seeds)
             adj_seeds, adj_sd = _fmt_seeds(row.adjusted_seeds)
-            table.append([row.label, fmt_difference(row.raw, flags[id(row.raw)]), raw_seeds, sd,
-                          fmt_difference(row.adjusted, flags[id(row.adjusted)]) if row.adjusted else "–", adj_seeds, adj_sd])
+            table.append([row.label, fmt_difference(row.raw, marked[(i, "raw")]), raw_seeds, sd,
+                          fmt_difference(row.adjusted, marked[(i, "adjusted")]) if row.adjusted else "–", adj_seeds, adj_sd])
         pair_text = ", ".join(f"{u}->{d}" for u, d in pairs)
         slopes = "; ".join(f"{n}: {v['estimate']:.2f} (se {v['se']:.2f}, {v['df']} df)" for n, v in numbers["slope"].items())
         parts.append(
@@ -237,9 +240,9 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
             + (f" (slope per base: {slopes})" if slopes else " (not identified here: it needs two other tickets and enough runs)")
             + f". The last rows compare each base with {names[0]}, paired by seed (same initial weights) and utterance. "
             + (f"\\* survives Holm-Bonferroni correction (family-wise {ALPHA:g}) over the table's {len(family)} intervals."
-               if min(ci.seeds for ci in family) > 1 else "No marks: with one seed the intervals miss training noise.")
+               if min(ci.seeds for ci in intervals) > 1 else "No marks: with one seed the intervals miss training noise.")
             + "\n\n" + markdown_table(["base", "advantage [95% CI]", "per seed", "seed sd", "adjusted [95% CI]", "per seed", "seed sd"], table)
-            + "\n\n" + detectable_line(family)
+            + "\n\n" + detectable_line(intervals)
         )
 
     # IoU with the base pruned the same way, beside the seed-to-seed noise floor.
