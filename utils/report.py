@@ -41,6 +41,9 @@ PER_RUN_METHOD = (f"results.csv: one row per run, its {CONFIDENCE:.0%} interval 
                   f"({N_RESAMPLES:,} resamples, seed {SEED}; scipy.stats.bootstrap), test-set sampling only")
 
 
+ONE_SEED_HEADER = " (one seed: [95% CI] covers test sampling only)"
+
+
 def intervals_method(seeds: int) -> str:
     """What the intervals of a report with ``seeds`` seeds count, in one paragraph."""
     if seeds > 1:
@@ -266,7 +269,8 @@ def cer_table(rows: list[dict], sparsity: float, upstreams: list[str], downstrea
         averages[u] = mean_interval(non_matching) if non_matching else None
         line.append(f"{pct(averages[u].estimate)} [{pct(averages[u].low)}, {pct(averages[u].high)}]" if averages[u] else "–")
         table.append(line)
-    header = ["upstream ticket \\ downstream", "upstream model's own CER"] + downstreams + ["avg non-matching"]
+    one_seed = max(len(r.seeds) for r in rates.values()) < 2 if rates else False
+    header = ["upstream ticket \\ downstream" + (ONE_SEED_HEADER if one_seed else ""), "upstream model's own CER"] + downstreams + ["avg non-matching"]
     numbers = {"cells": {f"{u}->{d}": float(r.rate()) for (u, d), r in rates.items()}, "avg_non_matching": {u: (a.estimate if a else None) for u, a in averages.items()},
                "own": {u: float(r.rate()) for u, r in upstream_rates.items()}}
     return markdown_table(header, table), numbers
@@ -351,7 +355,8 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
             else:
                 show(u, best, "avg", None)
     table = [[f"**{u}**"] + [columns[u].get(d, "–") for d in downstreams] + [columns[u].get("avg", "–")] for u in upstreams]
-    header = ["ticket − best (pp)"] + downstreams + ["avg non-matching (same languages)"]
+    one_seed = min((ci.seeds for ci in family.values()), default=1) < 2
+    header = ["ticket − best (pp)" + (ONE_SEED_HEADER if one_seed else "")] + downstreams + ["avg non-matching (same languages)"]
     text = markdown_table(header, table)
     line = detectable_line(list(family.values()))
     return text + (f"\n\n{line}" if line else ""), numbers | {"family": {k: {"estimate": v.estimate, "low": v.low, "high": v.high, "p": v.p_value, "marked": marked[k]} for k, v in family.items()}}

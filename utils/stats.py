@@ -259,7 +259,10 @@ def detectable_line(intervals: Sequence[Interval], alpha: float = ALPHA, power: 
     corrected = float(np.median([100 * ci.detectable(alpha / m, power) for ci in usable]))
     single = float(np.median([100 * ci.detectable(alpha, power) for ci in usable]))
     seeds = usable[0].seeds
-    basis = (f"{seeds} seeds: the observed seed spread and test sampling" if seeds > 1 else "one seed: test sampling only, so it understates what training noise hides")
+    if seeds < 2:
+        return (f"Detectable difference (median over the {len(usable)} comparisons), counting test sampling only since there is one seed: "
+                f"**{corrected:.2f} pp** at Holm's level {alpha:g}/{m} ({single:.2f} pp for one comparison alone at {alpha:g}), with "
+                f"{power:.0%} power. Training noise would raise it; with one seed it is unknown, and nothing is marked.")
     return (f"Detectable difference (median over the {len(usable)} comparisons): a true difference of **{corrected:.2f} pp** or more would be "
-            f"marked with {power:.0%} power at Holm's level {alpha:g}/{m} ({single:.2f} pp for one comparison alone at {alpha:g}); {basis}. "
-            "An unmarked difference is no evidence against a difference smaller than that.")
+            f"marked with {power:.0%} power at Holm's level {alpha:g}/{m} ({single:.2f} pp for one comparison alone at {alpha:g}); "
+            f"{seeds} seeds: the observed seed spread and test sampling. An unmarked difference is no evidence against a difference smaller than that.")
