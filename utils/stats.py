@@ -27,7 +27,7 @@ seed-by-utterance interaction in both components (slightly conservative); adding
 follows Bouthillier et al. (2021, "Accounting for variance in machine learning benchmarks", MLSys).
 The seeds' ``k - 1`` degrees of freedom are used rather than Welch-Satterthwaite's estimate
 (Satterthwaite, 1946), whose df grows exactly when the seed variance is underestimated: in the
-calibration below it covered 89-90% at k = 2 and 93-94% at k = 3 with large training noise. A
+calibration (docs/statistics/calibration.md) it covered 87-90% at k = 2 and 93-94% at k = 3 with large training noise. A
 bootstrap over seeds is not used: with three seeds it has only ten distinct resamples and its
 intervals are far too narrow. With one seed the training component is unknown: the interval covers
 test-set sampling only (Welch-Satterthwaite over the test sets), and reports say so and print no
