@@ -33,7 +33,7 @@ intervals are far too narrow. With one seed the training component is unknown: t
 test-set sampling only (Welch-Satterthwaite over the test sets), and reports say so and print no
 significance marks.
 
-Calibration (``tests/test_stats.py``, documented in docs/reading-a-report.md): simulated studies
+Calibration (``tests/test_stats.py``; the table is docs/statistics/calibration.md): simulated studies
 with per-utterance difficulty, per-seed training offsets and per-utterance-and-seed noise, and a
 known truth. **Significance marks** are Holm-Bonferroni over the comparisons of one table
 (``holm``); **detectable differences** are ``(t(1 - alpha/2) + t(power)) * se`` at the same
@@ -209,7 +209,7 @@ def combination_interval(terms: Sequence[Term], extra: Sequence[tuple[float, flo
     if not variance > 0:
         return Interval(estimate, estimate, estimate, 0.0, float("inf"), k)
     # With seeds, the seeds' k - 1 degrees of freedom (conservative: Welch-Satterthwaite's estimated
-    # df rises exactly when the seed variance is underestimated, and covered 89-90% at k = 2).
+    # df rises exactly when the seed variance is underestimated, and covered 87-90% at k = 2).
     df = k - 1 if k > 1 else variance**2 / sum(v**2 / d for v, d in components if v > 0)
     half = float(stdtrit(df, (1 + confidence) / 2)) * variance**0.5
     return Interval(estimate, estimate - half, estimate + half, variance**0.5, float(df), k)
