@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Does self-supervised pretraining of the tiny model help at demo scale? Fine-tunes the same
 language with the same steps from an SSL-pretrained base and from scratch (the baseline, in the
-same run) and prints test CER with 95% bootstrap intervals and the paired difference.
+same run) and prints test CER and the paired difference with 95% intervals over seeds and
+utterances (utils/stats.py).
 
     python bench/ssl_vs_scratch.py --work_dir /tmp/ssl-vs-scratch            # ~20 min on 2 cores
     python bench/ssl_vs_scratch.py --pretrain_epochs 12 --seeds 0 1          # longer pretraining, 2 seeds
+    python bench/ssl_vs_scratch.py --finetune_epochs 6 --seeds 0 1 --summarise docs/bias-study/ssl-vs-scratch   # from finished runs
 
 Steps, each a script of ours in its own process: a generated corpus (en, de, es: 1,000 training
 and 200 validation/test clips each), ``run_pretrain.py`` on an en/de/es mixture of 2,000 clips
@@ -34,17 +36,50 @@ def run(script: str, args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def finetune_dir(work: Path, name: str, pretrain_epochs: int, finetune_epochs: int, seed: int) -> Path:
+    return work / f"finetune-{name}-pt{pretrain_epochs if name == 'ssl' else 0}-ft{finetune_epochs}-seed{seed}"
+
+
+def intervals(work: Path, pretrain_epochs: int, finetune_epochs: int, seeds: list[int]) -> tuple[dict, dict, object]:
+    """Per start: its rates and CER interval; and SSL minus scratch, paired by seed and utterance."""
+    from utils.metrics import read_predictions
+    from utils.stats import Rates, cell_interval, difference_interval
+
+    rates = {}
+    for name in ("scratch", "ssl"):
+        runs = []
+        for seed in seeds:
+            out = finetune_dir(work, name, pretrain_epochs, finetune_epochs, seed)
+            results = json.loads((out / "all_results.json").read_text())
+            runs.append(read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"]))
+        rates[name] = Rates.from_seeds([([r.char_edits for r in run], [r.ref_chars for r in run]) for run in runs], seeds)
+    cer = {name: cell_interval(r, "en") for name, r in rates.items()}
+    return rates, cer, difference_interval({"en": rates["ssl"]}, {"en": rates["scratch"]})
+
+
+def print_intervals(rates: dict, cer: dict, diff) -> None:
+    for name in ("scratch", "ssl"):
+        i = cer[name]
+        print(f"English test CER from {name:>7}: {100 * i.estimate:.1f}% [{100 * i.low:.1f}, {100 * i.high:.1f}] "
+              f"(seeds {', '.join(f'{100 * c:.1f}' for c in rates[name].per_seed())})")
+    print(f"SSL - scratch: {100 * diff.estimate:+.1f} pp [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] "
+          f"(seeds {', '.join(f'{100 * d:+.1f}' for d in rates['ssl'].per_seed() - rates['scratch'].per_seed())}); "
+          f"ratio {cer['ssl'].estimate / cer['scratch'].estimate:.3f} (baseline: scratch, same steps)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", default="/tmp/ssl-vs-scratch")
     parser.add_argument("--pretrain_epochs", type=int, default=6, help="epochs over the 2,000-clip mixture (250 updates each)")
     parser.add_argument("--finetune_epochs", type=int, default=6, help="epochs over 1,000 English clips (125 updates each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (the base is pretrained once, seed 0)")
+    parser.add_argument("--summarise", metavar="DIR", help="only print the intervals of the finished fine-tunes in DIR (no training)")
     args = parser.parse_args()
+    if args.summarise:
+        print_intervals(*intervals(Path(args.summarise), args.pretrain_epochs, args.finetune_epochs, args.seeds))
+        return
 
     from utils.corpus import generate_corpus
-    from utils.metrics import read_predictions
-    from utils.stats import Rates, paired_difference_interval, rate_interval
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -61,21 +96,16 @@ def main() -> None:
             "--gumbel_temperature_decay", f"{0.25 ** (1 / updates):.6f}", *COMMON,
         ], work / f"pretrain-{args.pretrain_epochs}ep.log")
     log = [e for e in json.loads((base / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-    rows = {"scratch": [], "ssl": []}
     for seed in args.seeds:
         for name, start in (("scratch", TINY), ("ssl", base)):
-            out = work / f"finetune-{name}-pt{args.pretrain_epochs if name == 'ssl' else 0}-ft{args.finetune_epochs}-seed{seed}"
+            out = finetune_dir(work, name, args.pretrain_epochs, args.finetune_epochs, seed)
             if not (out / "all_results.json").is_file():
                 seconds[f"{name}-{seed}"] = run("run_finetune.py", [
                     "--language", "en", "--data_dir", str(corpus["en"]), "--model_name_or_path", str(start), "--output_dir", str(out),
                     "--num_train_epochs", str(args.finetune_epochs), "--learning_rate", "2e-3", "--warmup_steps", "50",
                     "--freeze_feature_encoder", "False", "--seed", str(seed), "--logging_steps", "50", *COMMON,
                 ], out.with_suffix(".log"))
-            results = json.loads((out / "all_results.json").read_text())
-            rows[name].append(read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"]))
-    rates = {name: Rates.from_seeds([([r.char_edits for r in seed], [r.ref_chars for r in seed]) for seed in runs]) for name, runs in rows.items()}
-    cer = {name: rate_interval(r) for name, r in rates.items()}
-    diff = paired_difference_interval({"en": rates["ssl"]}, {"en": rates["scratch"]})
+    rates, cer, diff = intervals(work, args.pretrain_epochs, args.finetune_epochs, args.seeds)
     summary = {
         "pretrain_updates": updates, "pretrain_first_log": log[0], "pretrain_last_log": log[-1], "seeds": args.seeds,
         "test_utterances": rates["ssl"].utterances, "finetune_updates": args.finetune_epochs * 125,
@@ -86,13 +116,7 @@ def main() -> None:
     print(f"SSL pretraining: {updates} updates; contrastive loss {log[0]['contrastive_loss']:.3f} -> {log[-1]['contrastive_loss']:.3f}, "
           f"accuracy {log[0]['contrastive_accuracy']:.3f} -> {log[-1]['contrastive_accuracy']:.3f}, perplexity "
           f"{log[0]['codevector_perplexity']:.1f} -> {log[-1]['codevector_perplexity']:.1f}")
-    for name in ("scratch", "ssl"):
-        i = cer[name]
-        print(f"English test CER from {name:>7}: {100 * i.estimate:.1f}% [{100 * i.low:.1f}, {100 * i.high:.1f}] "
-              f"(seeds {', '.join(f'{100 * c:.1f}' for c in rates[name].per_seed())})")
-    print(f"SSL - scratch: {100 * diff.estimate:+.1f} pp [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]; "
-          f"ratio {cer['ssl'].estimate / cer['scratch'].estimate:.3f} (baseline: scratch, same steps)")
-
+    print_intervals(rates, cer, diff)
 
 if __name__ == "__main__":
     main()
