@@ -40,7 +40,7 @@ from .errors import UsageError
 from .iou import chance_corrected
 from .records import StudyResults
 from .report import per_seed_difference, cell_rates, cells_at, fmt_difference, fmt_rate, intervals_method, markdown_table, noise_floor, own_rates, pct, plt, save_figure
-from .stats import ALPHA, CONFIDENCE, Interval, Term, combination_interval, detectable_line, holm, mean_interval
+from .stats import ALPHA, CONFIDENCE, Interval, Term, combination_interval, detectable_line, holm_marks, mean_interval
 
 
 def advantage_pairs(upstreams: list[str], downstreams: list[str], dominant: str) -> list[tuple[str, str]]:
@@ -71,7 +71,7 @@ class BaseResults:
         """The statistic ``terms`` describe, in one seed (None when a run of that seed is missing)."""
         if not all(seed in rates.seeds for _, _, rates in terms):
             return None
-        return float(sum(w * rates.only([seed]).per_seed()[0] for w, _, rates in terms))
+        return float(sum(w * rates.of_seed(seed) for w, _, rates in terms))
 
     def check(self, pairs: list[tuple[str, str]], dominant: str) -> None:
         missing = sorted({key for u, d in pairs for key in ((u, d), (dominant, d)) if key not in self.rates})
@@ -87,7 +87,7 @@ class BaseResults:
         intercept per (seed, downstream language); None when the data cannot identify it."""
         import statsmodels.api as sm
 
-        points = [(s, d, self.rates[(u, d)].only([s]).per_seed()[0], self.own[u].only([s]).per_seed()[0])
+        points = [(s, d, self.rates[(u, d)].of_seed(s), self.own[u].of_seed(s))
                   for u, d in pairs if u in self.own for s in self.seeds if s in self.rates[(u, d)].seeds and s in self.own[u].seeds]
         groups = sorted({(s, d) for s, d, _, _ in points})
         if len(points) < len(groups) + 2:
@@ -134,7 +134,7 @@ def _fmt_seeds(values: Optional[list[Optional[float]]]) -> tuple[str, str]:
 def _interval_numbers(ci: Optional[Interval], marked: bool, seeds: Optional[list[Optional[float]]], names: list[int]) -> Optional[dict]:
     if ci is None:
         return None
-    return {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value, "marked": marked, "per_seed": dict(zip(names, seeds or []))}
+    return ci.numbers(marked) | {"per_seed": dict(zip(names, seeds or []))}
 
 
 def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams: list[str], downstreams: list[str], dominant: str) -> tuple[str, dict]:
@@ -177,11 +177,11 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
                 per_seed_difference(results[name].own[u], reference.own[u]))
                for name in names[1:] for u in upstreams if u in results[name].own and u in reference.own]
     if effects:
-        flags = holm([ci.p_value for _, _, ci, _ in effects]) if min(ci.seeds for _, _, ci, _ in effects) > 1 else [False] * len(effects)
+        flags = holm_marks([ci for _, _, ci, _ in effects])
         table = [[f"**{u}**", f"{name} − {names[0]}", fmt_difference(ci, flag), ", ".join(f"{100 * v:+.2f}" for v in per_seed)]
                  for (name, u, ci, per_seed), flag in zip(effects, flags)]
         for (name, u, ci, per_seed), flag in zip(effects, flags):
-            numbers["own_vs_reference"][f"{name}/{u}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value, "marked": flag, "per_seed": per_seed}
+            numbers["own_vs_reference"][f"{name}/{u}"] = ci.numbers(flag) | {"per_seed": per_seed}
         parts.append("The base's effect on fine-tuning itself: each upstream model's own test CER on the other base minus on the reference base "
                      "(pp; negative: the other base fine-tunes to a lower CER), paired by seed and utterance"
                      + (f"; \\* survives Holm-Bonferroni over these {len(effects)}." if min(ci.seeds for _, _, ci, _ in effects) > 1 else ".")
@@ -222,7 +222,7 @@ def compare_bases(per_base: dict[str, StudyResults], sparsity: float, upstreams:
             rows.append(row)
         family = [(i, kind) for i, row in enumerate(rows) for kind in ("raw", "adjusted") if getattr(row, kind) is not None]
         intervals = [getattr(rows[i], kind) for i, kind in family]
-        marked = dict(zip(family, holm([ci.p_value for ci in intervals]) if min(ci.seeds for ci in intervals) > 1 else [False] * len(family)))
+        marked = dict(zip(family, holm_marks(intervals)))
         table = []
         for i, row in enumerate(rows):
             numbers[row.sections[0]][row.name] = _interval_numbers(row.raw, marked[(i, "raw")], row.raw_seeds, row.seeds)

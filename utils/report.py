@@ -33,7 +33,7 @@ from .errors import UsageError
 from .iou import chance_corrected
 from .records import StudyResults
 from .runs import atomic_open
-from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm, mean_interval, rate_interval
+from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm_marks, mean_interval, rate_interval
 
 RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
                   "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s"]
@@ -138,12 +138,12 @@ def plot_cer_curves(rows: list[dict], path: str | os.PathLike) -> None:
     each point with its interval (seeds and utterances, see ``intervals_method``)."""
     sparsities = sorted({r["sparsity"] for r in rows})
     upstreams = sorted({r["upstream"] for r in rows})
+    cells = {s: cells_at(rows, s) for s in sparsities}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for offset, upstream in enumerate(upstreams):
         xs, ys, errs = [], [], [[], []]
         for s in sparsities:
-            cells = cells_at(rows, s)
-            own = {d: cell_rates(runs) for (u, d), runs in cells.items() if u == upstream and d != upstream}
+            own = {d: cell_rates(runs) for (u, d), runs in cells[s].items() if u == upstream and d != upstream}
             if not own:
                 continue
             ci = mean_interval(own)
@@ -298,14 +298,6 @@ def comparison_family(rates: dict[tuple[str, str], Rates], upstreams: list[str],
     return family
 
 
-def marks(family: dict[str, Interval]) -> dict[str, bool]:
-    """Holm-Bonferroni over a table's comparisons; nothing is marked when they count one seed only."""
-    names = list(family)
-    if not names or min(ci.seeds for ci in family.values()) < 2:
-        return {name: False for name in names}
-    return dict(zip(names, holm([family[n].p_value for n in names])))
-
-
 def _lookup(family: dict[str, Interval], a: str, b: str, where: str) -> tuple[Optional[str], Optional[Interval]]:
     """``a - b`` at ``where`` from the family (stored in either order)."""
     if f"{a}-{b}@{where}" in family:
@@ -323,7 +315,7 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
     cells = cells_at(rows, sparsity)
     rates = {key: cell_rates(runs) for key, runs in cells.items()}
     family = comparison_family(rates, upstreams, downstreams)
-    marked = marks(family)
+    marked = dict(zip(family, holm_marks(list(family.values()))))
     numbers: dict[str, dict] = {}
     columns: dict[str, dict[str, str]] = defaultdict(dict)
 
@@ -332,7 +324,7 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
         if ci is None:
             columns[u][where] = "–"
             return
-        numbers[f"{u}-{best}@{where}"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "p": ci.p_value, "marked": marked[key]}
+        numbers[f"{u}-{best}@{where}"] = ci.numbers(marked[key])
         columns[u][where] = fmt_difference(ci, marked[key], spread)
 
     for d in downstreams:
@@ -359,7 +351,7 @@ def paired_table(rows: list[dict], sparsity: float, upstreams: list[str], downst
     header = ["ticket − best (pp)" + (ONE_SEED_HEADER if one_seed else "")] + downstreams + ["avg non-matching (same languages)"]
     text = markdown_table(header, table)
     line = detectable_line(list(family.values()))
-    return text + (f"\n\n{line}" if line else ""), numbers | {"family": {k: {"estimate": v.estimate, "low": v.low, "high": v.high, "p": v.p_value, "marked": marked[k]} for k, v in family.items()}}
+    return text + (f"\n\n{line}" if line else ""), numbers | {"family": {k: v.numbers(marked[k]) for k, v in family.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,16 +420,17 @@ def _stat(rows: list[dict], key: str = "iou") -> str:
     return f"{pct(mean(values))}{spread}"
 
 
+def _corrected(rows: list[dict]) -> list[dict]:
+    return [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in rows]
+
+
 def noise_floor_markdown(seed_iou: dict, shared_base: bool = False) -> str:
     summary, layers = noise_floor(seed_iou)
     table = []
     for label in sorted(summary, key=lambda x: (x == "base", x)):
         s = summary[label]
-        cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["seed_to_seed"]]
-        cross_cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["cross_language"]]
-        both_cc = [{"cc": chance_corrected(r["iou"], r["random_iou"])} for r in s["cross_both"]]
-        table.append([f"**{label}**", _stat(s["seed_to_seed"]), _stat(cc, "cc"), _stat(s["cross_both"]), _stat(both_cc, "cc"),
-                      _stat(s["cross_language"]), _stat(cross_cc, "cc"), _stat(s["vs_base"]), _stat(s["seed_to_seed"] + s["cross_language"], "random_iou")])
+        pairs = [cell for kind in ("seed_to_seed", "cross_both", "cross_language") for cell in (_stat(s[kind]), _stat(_corrected(s[kind]), "cc"))]
+        table.append([f"**{label}**", *pairs, _stat(s["vs_base"]), _stat(s["seed_to_seed"] + s["cross_language"], "random_iou")])
     header = ["ticket", "same language, other seed", "(chance-corr.)", "other languages, other seed", "(chance-corr.)", "other languages, same seed",
               "(chance-corr.)", "vs base, same seed", "random"]
     text = markdown_table(header, table)

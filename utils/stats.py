@@ -94,6 +94,11 @@ class Rates:
     def per_seed(self) -> np.ndarray:
         return self.edits.sum(axis=1) / self.lengths.sum(axis=1)
 
+    def of_seed(self, seed: int) -> float:
+        """The CER of one seed's run."""
+        row = self.seeds.index(seed)
+        return float(self.edits[row].sum() / self.lengths[row].sum())
+
     def only(self, seeds: Sequence[int]) -> "Rates":
         """The rows of these seeds, in this order."""
         rows = [self.seeds.index(s) for s in seeds]
@@ -119,15 +124,15 @@ class Interval:
     seeds: int = 1
 
     @property
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
-    @property
     def p_value(self) -> float:
         """Two-sided p-value of "the true value is 0"."""
         if not self.se > 0:
             return 1.0 if self.estimate == 0 else 0.0
         return float(2 * stdtr(self.df, -abs(self.estimate) / self.se))
+
+    def numbers(self, marked: bool) -> dict:
+        """What a report's numbers file keeps of it."""
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "p": self.p_value, "marked": marked}
 
     def detectable(self, alpha: float = ALPHA, power: float = POWER) -> float:
         """The smallest true difference a two-sided test at ``alpha`` would find with ``power``,
@@ -246,6 +251,14 @@ def holm(p_values: Sequence[float], alpha: float = ALPHA) -> list[bool]:
             break
         reject[i] = True
     return reject
+
+
+def holm_marks(intervals: Sequence[Interval], alpha: float = ALPHA) -> list[bool]:
+    """The marks of a table's intervals: Holm over their p-values, none when any counts one seed
+    only (its interval misses training noise)."""
+    if not intervals or min(ci.seeds for ci in intervals) < 2:
+        return [False] * len(intervals)
+    return holm([ci.p_value for ci in intervals], alpha)
 
 
 def detectable_line(intervals: Sequence[Interval], alpha: float = ALPHA, power: float = POWER) -> str:
