@@ -25,6 +25,7 @@ from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.mixture import load_mixture_splits, parse_mixture
 from utils.model import has_local_config_only
+from utils.preemption import train_until_stopped
 from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingTrainer
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.structure import FAMILIES, family_of
@@ -103,8 +104,8 @@ def main():
         eval_dataset=splits["validation"], processing_class=feature_extractor,
     )
 
-    # 6. Train (resuming this run's last checkpoint), save the base, evaluate it.
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    # 6. Train (resuming this run's last checkpoint; a stop signal saves and exits), save the base, evaluate it.
+    train_result = train_until_stopped(trainer, training_args.resume_from_checkpoint or last_checkpoint)
     model.config.mask_time_prob = fine_tuning_mask_time_prob
     trainer.save_model()
     metrics = train_result.metrics | {"train_samples": len(splits["train"])}

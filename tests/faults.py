@@ -12,7 +12,9 @@ function or method, patched before the script starts. ACTION, on that call:
 - ``fsize=BYTES``: from entering it on, no file may grow past BYTES (``ulimit -f``: a full disk,
   without root);
 - ``wait=PATH``: wait there until PATH exists, then go on (a run held in mid-flight while a test
-  starts another one beside it).
+  starts another one beside it);
+- ``signal=NAME``: send itself that signal on entering it, then go on (a scheduler's SIGTERM or
+  time-limit SIGUSR1 arriving in the middle of a step).
 
 Nothing here imports the scripts' code before the patch: modules that bind the patched function
 when they are imported (``from safetensors.torch import save_file``) then bind the patched one.
@@ -75,6 +77,9 @@ def patch(point: str, action: str) -> None:
             deadline = time.time() + 300
             while not Path(action.split("=", 1)[1]).exists() and time.time() < deadline:
                 time.sleep(0.05)
+            return original(*args, **kwargs)
+        if action.startswith("signal="):
+            os.kill(os.getpid(), getattr(signal, action.split("=", 1)[1]))
             return original(*args, **kwargs)
         if action.startswith("fsize="):
             limit = int(action.split("=", 1)[1])

@@ -77,6 +77,19 @@ def test_fine_tuning_survives_kills_torn_checkpoints_and_a_full_disk(corpus_dir,
     measures = lambda r: {k: v for k, v in r.items() if k.startswith(("eval_", "test_")) and not k.endswith(("runtime", "per_second"))}  # noqa: E731
     assert measures(ours) == measures(theirs) and len(measures(ours)) >= 8  # (train_loss averages the last session's steps only)
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    # 6. Asked to stop (a time limit's SIGUSR1) in the middle of the second epoch: the step ends, a checkpoint is saved there and
+    #    the run exits 75 in one line without evaluating; the same command resumes inside that epoch and ends as the uninterrupted run.
+    stopped = tmp_path / "stopped"
+    args[-1] = str(stopped)
+    result = faulty("transformers.trainer:Trainer.training_step#5", "signal=SIGUSR1", "run_finetune.py", args, script_env)
+    assert result.returncode == 75 and last_line(result).startswith("interrupted: SIGUSR1 received: stopped at step 5 with a checkpoint in"), result.stderr[-3000:]
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"] and checkpoint_state(stopped / "checkpoint-5")["global_step"] == 5
+    assert [h["step"] for h in checkpoint_state(stopped / "checkpoint-5")["log_history"] if "eval_loss" in h] == [3]  # no evaluation at the stop
+    assert not (stopped / "all_results.json").exists()
+    resumed = plain("run_finetune.py", args, script_env)
+    assert resumed.returncode == 0 and "resuming inside epoch 2" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+    assert same_tensors(stopped / "model.safetensors", reference / "model.safetensors")
+    assert (stopped / "predictions_test.jsonl").read_bytes() == (reference / "predictions_test.jsonl").read_bytes()
 
 
 def test_pruning_survives_a_kill_mid_ticket_and_a_full_disk(corpus_dir, tmp_path, script_env):

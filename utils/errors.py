@@ -1,6 +1,7 @@
 """The deliberate error types of bad input. ``run_cli`` prints these as one ``error: ...`` line
-and exits with code 2; so it does a full disk (``is_disk_full``); any other exception is a bug and
-keeps its traceback."""
+and exits with code 2; so it does a full disk (``is_disk_full``, code 1) and a training run stopped
+by a signal after saving its checkpoint (``Interrupted``, code ``EXIT_INTERRUPTED``); any other
+exception is a bug and keeps its traceback."""
 
 import errno
 import re
@@ -33,3 +34,10 @@ class MissingInput(UsageError, FileNotFoundError):
 
 class OutputConflict(UsageError, FileExistsError):
     """An output location already holds something this run must not overwrite."""
+
+
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request, checkpoint saved; the same command resumes
+
+
+class Interrupted(Exception):
+    """A training run stopped by SIGTERM or SIGUSR1 after saving a checkpoint (``utils.preemption``)."""

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .errors import OutputConflict, UsageError, is_disk_full
+from .errors import EXIT_INTERRUPTED, Interrupted, OutputConflict, UsageError, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,9 @@ def hide_token(token: Optional[str]) -> None:
 
 def run_cli(main) -> None:
     """Run a script's ``main``; a bad input or Hub failure ends with one ``error: ...`` line, exit
-    code 2; a full disk (or file-size limit, or quota) with one line too, exit code 1."""
+    code 2; a full disk (or file-size limit, or quota) with one line too, exit code 1; a training
+    run stopped by a signal after saving its checkpoint with one ``interrupted: ...`` line, exit
+    code ``EXIT_INTERRUPTED`` (75)."""
     import sys
 
     from .hub_client import bound_hub_waits
@@ -291,6 +293,9 @@ def run_cli(main) -> None:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         if not is_disk_full(err):
             raise

@@ -18,6 +18,7 @@ from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
+from .preemption import MidEpochResumeMixin, train_until_stopped
 from .structure import Family
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class WholeCheckpointsMixin:
             raise
 
 
-class CTCTrainer(WholeCheckpointsMixin, Trainer):
+class CTCTrainer(WholeCheckpointsMixin, MidEpochResumeMixin, Trainer):
     """A Trainer that reports CER and WER of every evaluation and writes its per-utterance rows
     (``predictions_validation.jsonl``, ``predictions_test.jsonl``: see ``utils.metrics``) to the
     output dir, from the main process, in dataset order.
@@ -178,14 +179,15 @@ class FreezeEncoderCallback(TrainerCallback):
 
 
 def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str]) -> dict[str, float]:
-    """Train (resuming from ``--resume_from_checkpoint`` or this run's last checkpoint), save the
-    kept model, then evaluate it on validation and test; writes ``all_results.json``."""
+    """Train (resuming from ``--resume_from_checkpoint`` or this run's last checkpoint; a stop signal
+    saves and exits, see ``utils.preemption``), save the kept model, then evaluate it on validation
+    and test; writes ``all_results.json``."""
     args = trainer.args
     results: dict[str, float] = {}
     if args.do_train:
         startup = time.time() - psutil.Process().create_time()
         logger.info("ready to train %.1f s after the process started (loading, features, model)", startup)
-        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or last_checkpoint)
+        train_result = train_until_stopped(trainer, args.resume_from_checkpoint or last_checkpoint)
         trainer.save_model()
         metrics = train_result.metrics | {"train_samples": len(splits["train"]), "startup_seconds": round(startup, 2)}
         trainer.log_metrics("train", metrics)
