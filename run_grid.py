@@ -8,12 +8,15 @@ ticket to every downstream language, compare masks, and write REPORT.md.
     python run_grid.py --config configs/paper.yaml --rerun_stale   # after editing a setting
     python run_grid.py --config configs/paper.yaml --executor slurm   # submit the whole study to Slurm
     python run_grid.py --config configs/paper.yaml --status    # where it stands, without starting anything
+    python run_grid.py --config configs/paper.yaml --cancel    # cancel the study's queued and running Slurm jobs
 
 Steps run through submitit: on this machine (``--executor local``, ``--slots N`` at a time, each as
 soon as the steps it needs have finished) or on Slurm (``--executor slurm``: every step submitted at
-once with afterok dependencies and per-kind resources from the config). Steps whose result exists
-are skipped, so a killed grid resumes where it stopped; a failed step stops only the steps that
-depend on it. Each step run
+once with afterok dependencies and per-kind resources from the config, the report after them all).
+Steps whose result exists are skipped, so a killed grid resumes where it stopped; a failed step
+stops only the steps that depend on it (on Slurm, their jobs are cancelled before they start), and
+the report says which results are missing and why. Re-running submits only what has not finished
+and is not queued already. Each step run
 records its command, settings, identity, status and time in <output_dir>/steps/, its output in
 logs/. A finished step whose settings (or a step it needs) changed since it ran is stale: the grid
 names it and stops before any work until --rerun_stale re-runs it and everything downstream of it.
@@ -31,8 +34,9 @@ from utils.arguments import flag_names
 from utils.bases import write_comparison
 from utils.data import DataArguments
 from utils.errors import UsageError
-from utils.executors import EXECUTORS, check_local, local_gpu_count, run_local, slurm_executor, submit_slurm
-from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_states, step_status, sub_studies
+from utils.executors import EXECUTORS, LIVE_STATES, cancel_slurm, check_local, local_gpu_count, read_record, run_local, slurm_executor, slurm_jobs, submit_slurm
+from utils.grid import (StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_record_path, step_states,
+                        step_status, sub_studies)
 from utils.records import TransferResult
 from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 from utils.runs import lock_folder, run_cli
@@ -79,12 +83,24 @@ def aggregate(config, steps) -> Path:
 
 def print_status(rows: list[dict]) -> None:
     width = max(len(r["step"]) for r in rows)
-    print(f"{'step':<{width}}  {'state':<8} {'elapsed':>9}  {'job':<10} log")
+    slurm = any(r["scheduler"] for r in rows)
+    print(f"{'step':<{width}}  {'state':<11} {'elapsed':>9}  {'job':<10} " + (f"{'slurm':<24} " if slurm else "") + "log")
     for r in rows:
         elapsed = f"{r['elapsed_s']:.0f} s" if r["elapsed_s"] is not None else ""
-        print(f"{r['step']:<{width}}  {r['state']:<8} {elapsed:>9}  {r['job_id']:<10} {r['log']}" + (f"  ({r['reason']})" if r["reason"] else ""))
-    counts = {state: sum(r["state"] == state for r in rows) for state in ("done", "running", "queued", "failed", "stale", "pending")}
-    print(", ".join(f"{n} {state}" for state, n in counts.items() if n))
+        print(f"{r['step']:<{width}}  {r['state']:<11} {elapsed:>9}  {r['job_id']:<10} " + (f"{r['scheduler']:<24} " if slurm else "") + r["log"]
+              + (f"  ({r['reason']})" if r["reason"] else ""))
+    states = ("done", "running", "queued", "requeued", "interrupted", "failed", "blocked", "stale", "pending")
+    print(", ".join(f"{n} {state}" for state in states if (n := sum(r["state"] == state for r in rows))))
+
+
+def live_jobs(config, steps, scheduler: dict) -> dict[str, str]:
+    """Step id -> job id of the steps (the report among them) whose Slurm job is still queued or running."""
+    live = {}
+    for step in steps:
+        record = read_record(step_record_path(config.output_dir, step))
+        if record and record.executor == "slurm" and record.job_id in scheduler and scheduler[record.job_id][0] in LIVE_STATES:
+            live[step.id] = record.job_id
+    return live
 
 
 def main():
@@ -95,7 +111,8 @@ def main():
     parser.add_argument("--slots", type=int, default=1, help="local: steps run at the same time (CPU threads are shared between them)")
     parser.add_argument("--dry_run", action="store_true", help="print the stale steps and the commands still to run, in dependency order, and stop")
     parser.add_argument("--rerun_stale", action="store_true", help="move the outputs of stale steps aside (to <output_dir>/stale/) and run them again")
-    parser.add_argument("--status", action="store_true", help="print every step's state from its record, start nothing")
+    parser.add_argument("--status", action="store_true", help="print every step's state from its record (and, on Slurm, its job's), start nothing")
+    parser.add_argument("--cancel", action="store_true", help="cancel every queued or running Slurm job of this study (and no other job)")
     parser.add_argument("--report_only", action="store_true", help="write REPORT.md and results.csv from the finished steps (the last Slurm job)")
     parser.add_argument("--output_dir", help="the study's folder instead of the config's output_dir (e.g. --report_only on a published "
                         "study: python run_grid.py --config configs/bias.yaml --output_dir docs/bias-study/study --report_only)")
@@ -110,7 +127,15 @@ def main():
     check_flags(config)
     steps = plan(config)
     if args.status:
-        print_status(step_status(config, steps))
+        print_status(step_status(config, steps, slurm_jobs()))
+        return
+    if args.cancel:
+        scheduler = slurm_jobs()
+        if scheduler is None:
+            raise UsageError("--cancel needs Slurm's squeue and scancel, which do not answer on this machine")
+        live = live_jobs(config, steps + [report_step(args.config, config)], scheduler)
+        cancel_slurm(list(live.values()))
+        print(f"cancelled {len(live)} job(s) of study {config.name}" + (f": {', '.join(f'{k} ({v})' for k, v in live.items())}" if live else " (none was queued or running)"))
         return
     if not args.dry_run:  # one runner per study: a second one is refused, a killed one's lock taken over
         lock_folder(config.output_dir, "the study's output_dir")
@@ -158,12 +183,23 @@ def main():
     # 3a. Slurm: submit every unfinished step at once, each after the steps it needs, then the report.
     print(f"study {config.name}: {len(steps)} steps, {len(steps) - len(todo)} already done -> {config.output_dir}", flush=True)
     if executor is not None:
+        scheduler = slurm_jobs() or {}
+        queued = live_jobs(config, todo, scheduler)  # from an earlier submission, still queued or running: not submitted twice
         job_ids: dict[str, str] = {}
         for step, spec in zip(todo, jobs):
-            job_ids[step.id] = submit_slurm(executor, spec, config.slurm, [job_ids[n] for n in step.needs if n in job_ids])
-            print(f"  {step.id}: job {job_ids[step.id]}" + (f" after {', '.join(job_ids[n] for n in step.needs if n in job_ids)}" if any(n in job_ids for n in step.needs) else ""), flush=True)
-        report_job = submit_slurm(executor, job_spec(config, report_step(args.config, config)), config.slurm, list(job_ids.values()))
-        print(f"submitted {len(job_ids)} step(s) and the report (job {report_job}); follow with: python run_grid.py --config {args.config} --status")
+            after = [job_ids[n] for n in step.needs if n in job_ids]
+            if step.id in queued:
+                job_ids[step.id] = queued[step.id]
+                print(f"  {step.id}: job {queued[step.id]} already {scheduler[queued[step.id]][0].lower()}", flush=True)
+                continue
+            job_ids[step.id] = submit_slurm(executor, spec, config.slurm, after)
+            print(f"  {step.id}: job {job_ids[step.id]}" + (f" after {', '.join(after)}" if after else ""), flush=True)
+        report = report_step(args.config, config)
+        cancel_slurm(list(live_jobs(config, [report], scheduler).values()))  # an earlier report job would not wait for the new steps
+        report_job = submit_slurm(executor, job_spec(config, report), config.slurm, list(job_ids.values()), dependency="afterany")
+        submitted = len(job_ids) - len(queued)
+        print(f"submitted {submitted} step(s)" + (f" ({len(queued)} already queued)" if queued else "") + f" and the report (job {report_job}, after them "
+              f"whatever their outcome); follow with: python run_grid.py --config {args.config} --status")
         return
 
     # 3b. Here: run what is not done yet, --slots at a time, each as soon as what it needs is done.
@@ -188,13 +224,13 @@ def main():
             print(f"[{index[step.id]:>3}/{len(steps)}] {step.id}: done already", flush=True)
     failed, blocked = run_local(jobs, Path(config.output_dir) / "submitit", args.slots, gpus, progress)
     ran = len(todo) - len(blocked)
+
+    # 4. Aggregate: every transfer result in one table (with its interval), and the report (which names what is missing, and why).
+    report = aggregate(config, steps)
     if failed:
         lines = [f"  {job_id}: exit {record.returncode}, log {record.log or step_log_path(config.output_dir, next(s for s in steps if s.id == job_id))}" for job_id, record in failed.items()]
-        raise StepFailed(f"{len(failed)} step(s) failed and {len(blocked)} step(s) that need them did not run; the others finished "
-                         f"(re-run the same command to retry only these):\n" + "\n".join(lines))
-
-    # 4. Aggregate: every transfer result in one table (with its interval), and the report.
-    report = aggregate(config, steps)
+        raise StepFailed(f"{len(failed)} step(s) failed and {len(blocked)} step(s) that need them did not run; the others finished and the report "
+                         f"of what did is {report} (re-run the same command to retry only these):\n" + "\n".join(lines))
     print(f"ran {ran} step(s), skipped {len(steps) - len(todo)}, in {time.time() - started:.0f} s")
     print(f"report: {report}")
 

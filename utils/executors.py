@@ -4,6 +4,14 @@ the whole grid submitted at once, each step depending ``afterok`` on the steps i
 runner may exit). Either way a step is one job that runs the step's command and writes its log and
 its record, exactly as a sequential run does.
 
+On Slurm a job ends with its step's outcome: a failed command fails the job, and Slurm cancels the
+jobs that need it (``--kill-on-invalid-dep=yes``) before they start; the report job runs
+``afterany``, whatever happened. Jobs are ``--requeue``-able and get SIGUSR1 ``SIGNAL_AHEAD_S``
+seconds before their time limit: the training script saves a checkpoint and stops
+(``utils.preemption``) and the job requeues itself; on SIGTERM (preemption, ``scontrol requeue``,
+``scancel``) the script does the same and Slurm decides whether the job runs again. Either way the
+step's command resumes from its checkpoint when the job starts again.
+
 Resources come per step kind from the study config::
 
     resources:
@@ -21,6 +29,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +38,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UsageError
+from .errors import EXIT_INTERRUPTED, UsageError
 from .records import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +46,11 @@ EXECUTORS = ("local", "slurm")
 STEP_KINDS = ("corpus", "init", "pretrain", "finetune", "prune", "transfer", "iou", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "transfer")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "additional")
+SIGNAL_AHEAD_S = 120  # SIGUSR1 this long before a Slurm job's time limit: time to finish a step and save
+RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# squeue states of a job that has not ended (it may still run, or run again)
+LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                         "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"})
 
 
 @dataclass(frozen=True)
@@ -159,10 +173,17 @@ def _job_id() -> Optional[str]:
         return None
 
 
+class JobFailed(RuntimeError):
+    """Raised at the end of a job whose step did not finish, so its scheduler sees the failure."""
+
+
 def run_job(spec: JobSpec) -> Optional[StepRecord]:
     """Run one step (inside a submitit job, or directly): its command with output to its log, its
-    record updated to running, then done or failed. In a multi-node job every node runs the
-    command with its own rank; node 0 keeps the record."""
+    record updated to running, then done, failed, or interrupted (stopped by SIGTERM or SIGUSR1,
+    which are relayed to the command). A step that did not finish raises ``JobFailed``, so the job
+    exits non-zero. On Slurm, SIGUSR1 (the time limit is near) requeues the job once the command
+    has saved and stopped; a requeued job appends to its log and resumes. In a multi-node job every
+    node runs the command with its own rank; node 0 keeps the record."""
     argv = list(spec.argv)
     rank0 = True
     job_id = _job_id()
@@ -175,17 +196,47 @@ def run_job(spec: JobSpec) -> Optional[StepRecord]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if spec.threads:
         env |= {name: str(spec.threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     started = time.time()
     if rank0:
-        _record(spec, status="running", started=started, host=socket.gethostname(), pid=os.getpid(), job_id=job_id, command=shlex.join(argv))
+        _record(spec, status="running", started=started, finished=None, seconds=None, returncode=None, host=socket.gethostname(),
+                pid=os.getpid(), job_id=job_id, command=shlex.join(argv))
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(spec.log, "w" if rank0 else "a", encoding="utf-8") as f:
-        result = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if not rank0:
-        return None
+    with open(spec.log, "a" if restarts or not rank0 else "w", encoding="utf-8") as f:
+        if restarts and rank0:
+            f.write(f"\n--- job {job_id} started again (restart {restarts}): the command resumes from its last checkpoint ---\n")
+            f.flush()
+        returncode, received = _run_relaying_signals(argv, env, f)
     finished = time.time()
-    status = "done" if result.returncode == 0 and Path(spec.done).exists() else "failed"
-    return _record(spec, status=status, finished=finished, seconds=round(finished - started, 1), returncode=result.returncode, log=spec.log)
+    done = returncode == 0 and Path(spec.done).exists()
+    status = "done" if done else "interrupted" if received or returncode == EXIT_INTERRUPTED else "failed"
+    if not done and signal.SIGUSR1 in received and signal.SIGTERM not in received and job_id and os.environ.get("SLURM_JOB_ID"):
+        requeue = subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], capture_output=True, text=True)
+        status = "requeued" if requeue.returncode == 0 else "failed"
+    if rank0:
+        _record(spec, status=status, finished=finished, seconds=round(finished - started, 1), returncode=returncode, log=spec.log)
+    if not done:
+        raise JobFailed(f"step {spec.id}: {status} (exit {returncode}); log: {spec.log}")
+    return read_record(spec.record) if rank0 else None
+
+
+def _run_relaying_signals(argv: list[str], env: dict, log) -> tuple[int, list[int]]:
+    """Run ``argv`` to its end, passing on SIGTERM and SIGUSR1 (a scheduler may signal only the job's
+    first process); returns its exit code and the signals received."""
+    received: list[int] = []
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def relay(signum, frame):
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, relay) for s in RELAYED_SIGNALS}
+    try:
+        return proc.wait(), received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +352,10 @@ def slurm_executor(folder: Path):
     return submitit.SlurmExecutor(folder=str(folder / "%j"))
 
 
-def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str]) -> str:
-    """Submit one step as an sbatch job: its resources, the cluster settings, and ``afterok`` on
-    the job ids of the steps it needs that are queued or running; its record says queued."""
+def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str], dependency: str = "afterok") -> str:
+    """Submit one step as an sbatch job: its resources, the cluster settings, ``dependency`` (afterok:
+    run once they succeeded; afterany: once they ended) on the job ids of the steps it needs that
+    are queued or running, cancelled by Slurm when that can never hold; its record says queued."""
     resources = spec.resources
     parameters: dict[str, Any] = {
         "job_name": spec.id.replace("/", "_"),
@@ -312,17 +364,41 @@ def submit_slurm(executor, spec: JobSpec, slurm: dict[str, Any], after: list[str
         "cpus_per_task": resources.cpus or 1,
         "mem": f"{resources.mem_gb:g}GB",
         "time": resources.time_min,
-        "signal_delay_s": 120,
         # every key on every call: the executor keeps parameters between submissions
         "gpus_per_node": resources.gpus or None,
-        "dependency": "afterok:" + ":".join(after) if after else None,
-        "additional_parameters": dict(slurm.get("additional", {})),
+        "dependency": f"{dependency}:" + ":".join(after) if after else None,
+        "additional_parameters": {"signal": f"USR1@{SIGNAL_AHEAD_S}", "requeue": True, "kill-on-invalid-dep": "yes", **slurm.get("additional", {})},
     }
     for key in ("partition", "account", "qos", "constraint"):
         parameters[key] = slurm.get(key) or None
     executor.update_parameters(**parameters)
     job_id = str(executor.submit(run_job, spec).job_id)
     record = read_record(spec.record)
-    if record is None or record.job_id != job_id or record.status not in ("running", "done", "failed"):  # unless the job already began
+    if record is None or record.job_id != job_id or record.status not in ("running", "done", "failed", "interrupted", "requeued"):  # unless the job already began
         replace(spec.record_base, status="queued", job_id=job_id, executor="slurm", queued=time.time()).write(spec.record)
     return job_id
+
+
+def slurm_jobs() -> Optional[dict[str, tuple[str, str]]]:
+    """This user's jobs that Slurm still knows (running, queued, or recently ended): job id ->
+    (state, reason), e.g. ``("PENDING", "Dependency")``; None where squeue is missing or fails."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "--me", "--noheader", "--states=all", "--format=%i|%T|%r"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    jobs = {}
+    for line in out.stdout.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        jobs[job_id] = (state, reason if reason not in ("None", "") else "")
+    return jobs
+
+
+def cancel_slurm(job_ids: list[str]) -> None:
+    """``scancel`` these jobs (a running training step saves a checkpoint first: SIGTERM)."""
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=True, capture_output=True, text=True, timeout=120)

@@ -37,7 +37,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from .data import GENERATED_CORPUS_DIR, fill_language
 from .errors import MissingInput, UsageError
-from .executors import TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
+from .executors import LIVE_STATES, TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
 from .languages import resolve_language
 from .layout import IOU_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, sparsity_dirname
 from .masks import MASK_FILE, check_sparsity
@@ -534,24 +534,58 @@ def job_spec(config: StudyConfig, step: Step, threads: Optional[int] = None) -> 
     )
 
 
-def step_status(config: StudyConfig, steps: list[Step]) -> list[dict]:
-    """One row per step for ``--status``: done / running / queued / failed / stale / pending, with
-    elapsed time, job id and log, read from the records (nothing is started or queried)."""
+UNFINISHED = ("running", "queued", "failed", "interrupted", "requeued")  # what a record of a step without its done file may say
+
+
+def step_status(config: StudyConfig, steps: list[Step], scheduler: Optional[dict[str, tuple[str, str]]] = None) -> list[dict]:
+    """One row per step for ``--status`` and the report: done / running / queued / failed /
+    interrupted / requeued / blocked / stale / pending, with elapsed time, job id, log and reason,
+    read from the records. A step not run because a step it needs (or one before that) failed is
+    ``blocked``, its reason naming that step. ``scheduler`` (``utils.executors.slurm_jobs``) adds
+    each Slurm job's state and reason; a record that says queued or running for a job Slurm has
+    ended is then ``pending``."""
     states = step_states(config, steps)
-    rows = []
+    rows: dict[str, dict] = {}
     now = time.time()
     for step in steps:
         record = read_record(step_record_path(config.output_dir, step))
-        state = states[step.id].state
+        state, reason = states[step.id].state, states[step.id].reason
+        job = (record and record.job_id) or ""
+        queue = scheduler.get(job) if scheduler is not None and record and record.executor == "slurm" else None
         if state == "todo":
-            state = record.status if record and record.status in ("running", "queued", "failed") else "pending"
+            state = record.status if record and record.status in UNFINISHED else "pending"
             if state == "running" and record.executor == "local" and not _alive(record.pid):
                 state = "pending"  # its runner was killed: a re-run starts it again
+            if state in ("queued", "running", "requeued") and scheduler is not None and record.executor == "slurm" and (queue is None or queue[0] not in LIVE_STATES):
+                state, reason = "pending", f"job {job} " + (f"ended {queue[0]}" if queue else "is no longer known to Slurm")
         started, finished = (record.started, record.finished) if record else (None, None)
-        elapsed = (finished or now) - started if started and state in ("running", "done", "stale", "failed") else None
-        rows.append({"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": (record and record.job_id) or "",
-                     "log": str(step_log_path(config.output_dir, step)) if record else "", "reason": states[step.id].reason})
-    return rows
+        elapsed = (finished or now) - started if started and state in ("running", "done", "stale", "failed", "interrupted") else None
+        rows[step.id] = {"step": step.id, "state": state, "elapsed_s": None if elapsed is None else round(elapsed, 1), "job_id": job,
+                         "log": str(step_log_path(config.output_dir, step)) if record else "", "reason": reason,
+                         "scheduler": (f"{queue[0]} ({queue[1]})" if queue[1] else queue[0]) if queue else "", "returncode": record.returncode if record else None}
+    for step in steps:  # plan order: the steps a step needs come first
+        row = rows[step.id]
+        if row["state"] in ("pending", "queued"):
+            cause = next((n for n in step.needs if n in rows and rows[n]["state"] in ("failed", "blocked")), None)
+            if cause:
+                root = rows[cause]["reason"].removesuffix(" failed") if rows[cause]["state"] == "blocked" else cause
+                row["state"], row["reason"] = "blocked", f"{root} failed"
+    return list(rows.values())
+
+
+def missing_results(config: StudyConfig, steps: list[Step]) -> list[tuple[str, str]]:
+    """The steps whose results a report shows (transfers, fine-tunes, IoU) that have not finished,
+    each with why: failed (exit code, log), not run because a step it needs failed, interrupted,
+    or not run yet."""
+    missing = []
+    for row, step in zip(step_status(config, steps), steps):
+        if step.kind not in ("transfer", "finetune", "iou") or row["state"] in ("done", "stale"):
+            continue
+        log = os.path.relpath(row["log"], config.output_dir) if row["log"] else ""
+        why = {"failed": f"failed (exit {row['returncode']}; log {log})", "blocked": f"not run: it depends on {row['reason'].removesuffix(' failed')}, which failed",
+               "interrupted": f"interrupted (exit {row['returncode']}; the same command resumes it)"}.get(row["state"], f"not finished ({row['state']})")
+        missing.append((step.id, why))
+    return missing
 
 
 def _alive(pid: Any) -> bool:
@@ -589,11 +623,11 @@ def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -
 def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyResults:
     """What the finished steps of one study (``prefix``: its base's, see ``sub_studies``) wrote:
     transfer results and upstream fine-tunes (each with its per-utterance test rows, checked
-    against the result), IoU summaries per sparsity (matrices averaged over seeds), and the
-    seed-to-seed IoU summaries per sparsity."""
+    against the result), IoU summaries per sparsity (matrices averaged over seeds), the
+    seed-to-seed IoU summaries per sparsity, and the results still missing, with why."""
     from .metrics import predictions_path, read_predictions
 
-    steps = [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
+    planned, steps = steps, [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
     layout = StudyLayout(next(folder for _, folder, p in sub_studies(config) if p == prefix))
     rows, own = [], []
     for step in steps:
@@ -623,4 +657,5 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
         across = [st for st in steps if st.kind == "iou" and st.output == layout.seeds_iou(s) and st.done.is_file()]
         if across:
             seed_ious[s] = IoUSummary.read(across[0].done).to_dict()
-    return StudyResults(rows, ious, seed_ious, own, config.shared_base)
+    ours = {st.id for st in steps}
+    return StudyResults(rows, ious, seed_ious, own, config.shared_base, [m for m in missing_results(config, planned) if m[0] in ours])

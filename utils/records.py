@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
@@ -118,7 +118,7 @@ class StepRecord(_Record):
     settings: dict
     identity: dict
     needs: list[str]
-    status: Optional[str] = None  # queued, running, done, failed
+    status: Optional[str] = None  # queued, running, done, failed, interrupted (stopped by a signal), requeued
     executor: Optional[str] = None
     job_id: Optional[str] = None
     queued: Optional[float] = None
@@ -136,10 +136,12 @@ class StudyResults:
     """What the finished steps of one study wrote, as the report reads it (``utils.grid.collect``):
     transfer runs and upstream fine-tunes (each a dict with its per-utterance test rows under
     ``utterances``), IoU summaries per sparsity (matrices averaged over seeds, ``per_seed`` kept),
-    the seed-to-seed IoU per sparsity, and whether every seed started from one shared base."""
+    the seed-to-seed IoU per sparsity, whether every seed started from one shared base, and the
+    steps whose results are missing (step id, why)."""
 
     rows: list[dict]
     ious: dict[float, dict]
     seed_ious: dict[float, dict]
     own: list[dict]  # upstream fine-tunes: {"upstream", "seed", "test_cer", "utterances"}
     shared_base: bool = False
+    missing: list[tuple[str, str]] = field(default_factory=list)

@@ -478,6 +478,9 @@ def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams:
         "on its language (before pruning): a ticket from a weaker model may transfer worse for that reason alone. Last column: the ticket's "
         f"mean over the downstream languages other than its own (a description; comparisons below use the same languages on both sides). {PER_RUN_METHOD}.\n"
     )
+    if results.missing:
+        parts.append(f"## Missing results\n\n{len(results.missing)} run(s) whose results this report would show have not finished; their cells "
+                     "show – and the comparisons leave them out:\n\n" + "\n".join(f"- `{step}`: {why}" for step, why in results.missing) + "\n")
     for s in sparsities:
         if not any(abs(r["sparsity"] - s) < 1e-9 for r in rows):
             continue
