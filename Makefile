@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_SLOTS ?= 2
 TEST_WORKERS ?= auto
 
-.PHONY: setup system-packages demo test clean
+.PHONY: setup system-packages slurm-packages demo test clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -20,6 +20,15 @@ system-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng >/dev/null; \
 	fi
 
+# The Slurm tests start a single-node Slurm (tests/slurm_cluster.py); its daemons need root, so
+# the packages are installed only for root (elsewhere those tests are skipped, and say why).
+slurm-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; }; then \
+	  echo "installing slurmctld, slurmd, slurm-client and munge (apt) for the Slurm tests"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null)); \
+	fi
+
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
@@ -29,8 +38,8 @@ $(VENV)/.installed: requirements.txt
 demo: setup
 	$(PY) run_grid.py --config configs/demo.yaml --slots $(DEMO_SLOTS)
 
-test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+test: setup slurm-packages
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests  # -rs: the reason of every skip
 
 clean:
 	rm -rf demo_output .pytest_cache

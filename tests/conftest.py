@@ -42,6 +42,28 @@ def corpus_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def slurm() -> dict:
+    """A real single-node Slurm (``tests/slurm_cluster.py``), started once per test run; the client
+    environment to reach it. Skipped, with the reason, where it cannot be started, except under CI."""
+    from tests.slurm_cluster import Unavailable, start
+
+    try:
+        return start()
+    except Unavailable as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no Slurm could be started for the Slurm tests: {err}")
+        pytest.skip(f"no single-node Slurm here ({err})")
+
+
+def pytest_sessionfinish(session):
+    """Stop the test Slurm if this run started it (the controller process, once every worker is done)."""
+    if not hasattr(session.config, "workerinput"):
+        from tests.slurm_cluster import stop_if_started
+
+        stop_if_started()
+
+
 @pytest.fixture
 def script_env(tmp_path) -> dict:
     """Environment for running a script in a fresh process: offline, quiet, own HF cache."""
