@@ -58,7 +58,7 @@ class PruneArguments:
     layerwise: bool = field(default=False, metadata={"help": "Control: the same sparsity in every tensor instead of one global threshold."})
     seed: int = field(default=0, metadata={"help": "Seed of the threshold sample, random scores and any new head."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of the source model."})
-    compress: bool = field(default=True, metadata={"help": "zstd-compress mask tensors when it saves at least 10%."})
+    compress: bool = field(default=True, metadata={"help": "zstd-compress mask tensors when that saves at least a tenth of their size."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each ticket as a model repo (--hub_model_id)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of the ticket repo; with several sparsities '-sparsity-0.80' etc. is appended."})
     hub_mask_repo_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of a dataset repo that collects masks, with an index table."})
