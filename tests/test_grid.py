@@ -477,6 +477,27 @@ def test_slurm_submission_writes_the_resources_and_dependencies(tmp_path, corpus
     assert result.returncode == 2 and "needs Slurm's sbatch" in result.stderr.strip().splitlines()[-1] and not (tmp_path / "other").exists()
 
 
+def test_a_failed_job_raises_and_its_command_starts_with_sigusr1_ignored(tmp_path):
+    """A step's job ends with its outcome (a scheduler must see a failure); the command inherits
+    SIGUSR1 ignored, so a launcher survives the time-limit signal its training processes act on."""
+    from utils.executors import JobFailed, JobSpec, run_job
+    from utils.records import StepRecord
+
+    probe = "import signal, sys; print(signal.getsignal(signal.SIGUSR1)); sys.exit(int(sys.argv[1]))"
+
+    def spec(code: int) -> JobSpec:
+        base = StepRecord(id=f"probe-{code}", kind="iou", command="", settings={}, identity={}, needs=[])
+        return JobSpec(id=base.id, argv=[sys.executable, "-c", probe, str(code)], launch_len=1, done=str(tmp_path / "done"),
+                       record=str(tmp_path / f"{code}.json"), log=str(tmp_path / f"{code}.log"), record_base=base)
+
+    (tmp_path / "done").touch()
+    assert run_job(spec(0)).status == "done"
+    assert (tmp_path / "0.log").read_text().strip() == str(int(signal.SIG_IGN))  # signal.getsignal gives SIG_IGN, printed as 1
+    with pytest.raises(JobFailed, match=r"step probe-3: failed \(exit 3\)"):
+        run_job(spec(3))
+    assert json.loads((tmp_path / "3.json").read_text())["status"] == "failed"
+
+
 def test_multinode_command_and_bad_resources(tmp_path):
     from utils.executors import Resources, launch_command, parse_resources
 

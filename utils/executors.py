@@ -222,9 +222,16 @@ def run_job(spec: JobSpec) -> Optional[StepRecord]:
 
 def _run_relaying_signals(argv: list[str], env: dict, log) -> tuple[int, list[int]]:
     """Run ``argv`` to its end, passing on SIGTERM and SIGUSR1 (a scheduler may signal only the job's
-    first process); returns its exit code and the signals received."""
+    first process); returns its exit code and the signals received. Under Slurm every process of
+    the job gets them anyway; a step's training processes then all stop at the same step."""
     received: list[int] = []
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The command starts with SIGUSR1 ignored (an ignored signal stays ignored across exec): a launcher
+    # such as accelerate launch would die of it, while the training scripts catch it once they train.
+    default = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGUSR1, default)
 
     def relay(signum, frame):
         received.append(signum)
