@@ -568,8 +568,8 @@ def step_status(config: StudyConfig, steps: list[Step], scheduler: Optional[dict
         if row["state"] in ("pending", "queued"):
             cause = next((n for n in step.needs if n in rows and rows[n]["state"] in ("failed", "blocked")), None)
             if cause:
-                root = rows[cause]["reason"].removesuffix(" failed") if rows[cause]["state"] == "blocked" else cause
-                row["state"], row["reason"] = "blocked", f"{root} failed"
+                row["blocked_by"] = rows[cause].get("blocked_by", cause)  # the failed step itself, however far up
+                row["state"], row["reason"] = "blocked", f"{row['blocked_by']} failed"
     return list(rows.values())
 
 
@@ -582,7 +582,7 @@ def missing_results(config: StudyConfig, steps: list[Step]) -> list[tuple[str, s
         if step.kind not in ("transfer", "finetune", "iou") or row["state"] in ("done", "stale"):
             continue
         log = os.path.relpath(row["log"], config.output_dir) if row["log"] else ""
-        why = {"failed": f"failed (exit {row['returncode']}; log {log})", "blocked": f"not run: it depends on {row['reason'].removesuffix(' failed')}, which failed",
+        why = {"failed": f"failed (exit {row['returncode']}; log {log})", "blocked": f"not run: it depends on {row.get('blocked_by')}, which failed",
                "interrupted": f"interrupted (exit {row['returncode']}; the same command resumes it)"}.get(row["state"], f"not finished ({row['state']})")
         missing.append((step.id, why))
     return missing
