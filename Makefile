@@ -35,10 +35,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	@touch $@
+
 demo: setup
 	$(PY) run_grid.py --config configs/demo.yaml --slots $(DEMO_SLOTS)
 
-test: setup slurm-packages
+test: setup $(VENV)/.installed-test slurm-packages
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests  # -rs: the reason of every skip
 
 clean:
