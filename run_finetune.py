@@ -15,11 +15,12 @@ import logging
 from transformers import set_seed
 
 from utils.arguments import parse_arguments
-from utils.data import build_processor, load_language_splits
+from utils.data import build_processor, dataset_reference, load_language_splits
 from utils.errors import UsageError
+from utils.hub import CardEvaluation
 from utils.features import DataCollatorCTCWithPadding, vectorize_splits
 from utils.languages import resolve_language
-from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor
+from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
 from utils.training import CTCTrainer, train_and_evaluate, write_card_or_push
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def main():
     # 1. Arguments: model, data and every TrainingArguments flag (or one JSON file holding them).
-    model_args, data_args, training_args = parse_arguments("run_finetune.py")
+    model_args, data_args, training_args = parse_arguments("run_finetune.py", __doc__)
     if not data_args.language:
         raise UsageError("--language is required: a language code such as en, ca or ast")
     language = resolve_language(data_args.language)
@@ -37,6 +38,7 @@ def main():
 
     # 2. The output dir must be new or hold this same run (every result-changing setting equal),
     #    which then resumes from its last checkpoint.
+    require_model(model_args.model_name_or_path, model_args.model_revision)
     data_args.language = language.code
     signature = run_signature("run_finetune.py", model_args, data_args, training_args)
     last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
@@ -69,14 +71,18 @@ def main():
 
     # 7. Train (resuming this run's last checkpoint), keep the lowest-eval-loss checkpoint, evaluate it
     #    (per-utterance rows in predictions_validation.jsonl and predictions_test.jsonl).
-    train_and_evaluate(trainer, splits, last_checkpoint)
+    results = train_and_evaluate(trainer, splits, last_checkpoint)
 
     # 8. Model card, and the Hub push when asked for.
+    test_data = dataset_reference(data_args, language)
     write_card_or_push(
         trainer,
-        finetuned_from=model_args.model_name_or_path,
+        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{model.config.model_type}-ctc-{language.code}",
+        evaluation=CardEvaluation(test_data, results["test_cer"], results["test_wer"], results["test_samples"]),
+        source=model_args.model_name_or_path,
+        source_revision=model_args.model_revision,
         language=language.code,
-        dataset=data_args.data_dir or data_args.dataset_name,
+        dataset=test_data.name,
         tags=["ctc", "language-tickets"],
     )
 

@@ -103,9 +103,9 @@ def live_jobs(config, steps, scheduler: dict) -> dict[str, str]:
     return live
 
 
-def main():
-    # 1. The study: read and validate the whole config before any work starts.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` starts with this file's docstring and its examples."""
+    parser = argparse.ArgumentParser(prog="run_grid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="study config (YAML or JSON), e.g. configs/paper.yaml")
     parser.add_argument("--executor", default="local", choices=EXECUTORS, help="local: this machine; slurm: submit every step to Slurm")
     parser.add_argument("--slots", type=int, default=1, help="local: steps run at the same time (CPU threads are shared between them)")
@@ -118,7 +118,12 @@ def main():
                         "study: python run_grid.py --config configs/bias.yaml --output_dir docs/bias-study/study --report_only)")
     parser.add_argument("--publish", metavar="DIR", help="copy the files the report is computed from (results, test predictions, IoU) "
                         "into DIR and write the report there: a folder anyone can re-render with --output_dir DIR --report_only")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    # 1. The study: read and validate the whole config before any work starts.
+    args = build_parser().parse_args()
     if args.slots < 1:
         raise UsageError(f"--slots {args.slots}: expected a positive number of steps at a time")
     config = load_config(args.config)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from utils import __version__
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.iou import iou_matrix, iou_tables, random_iou
@@ -52,7 +53,7 @@ def parse_masks(items: list[str], base: Optional[str]) -> dict[str, str]:
 
 def main():
     # 1. Arguments: labelled masks, optional base, output dir (new or holding this same comparison).
-    (args,) = parse_arguments("run_iou.py")
+    (args,) = parse_arguments("run_iou.py", __doc__)
     setup_logging(True)
     references = parse_masks(args.masks, args.base)
     claim_output_dir(args.output_dir, {"script": "run_iou.py", "masks": references})
@@ -82,6 +83,7 @@ def main():
         vs_base={r["a"]: r["iou"] for r in overall if r["b"] == "base"},
         pairs=overall,
         layers=detail,
+        suite_version=__version__,
     )
 
     # 4. Pictures: the heatmap, and IoU per layer (against the base when there is one).

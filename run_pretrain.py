@@ -7,7 +7,8 @@
         --num_train_epochs 20 --per_device_train_batch_size 16 --learning_rate 5e-4 --bf16
     # continued from XLS-R on a balanced mixture of local recordings, one audiofolder per language
     accelerate launch run_pretrain.py --model_name_or_path facebook/wav2vec2-xls-r-300m \
-        --mixture en=0.25 de=0.25 es=0.25 fr=0.25 --total_clips 20000 --data_dir /data/{language} ...
+        --mixture en=0.25 de=0.25 es=0.25 fr=0.25 --total_clips 20000 --data_dir /data/{language} \
+        --output_dir bases/xlsr-balanced --max_steps 20000 --learning_rate 5e-5 --bf16
 
 The objective is ``Wav2Vec2ForPreTraining``'s (contrastive + diversity loss over masked frames,
 see ``utils/pretraining.py``); transcripts are not needed. The saved base (``output_dir``) loads
@@ -24,7 +25,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, Wav2Vec2ForPreTrainin
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
 from utils.mixture import load_mixture_splits, parse_mixture
-from utils.model import has_local_config_only
+from utils.model import has_local_config_only, require_model
 from utils.preemption import train_until_stopped
 from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingTrainer
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def main():
     # 1. Arguments: model, mixture, data source and every TrainingArguments flag.
-    model_args, mix_args, data_args, training_args = parse_arguments("run_pretrain.py")
+    model_args, mix_args, data_args, training_args = parse_arguments("run_pretrain.py", __doc__)
     shares = parse_mixture(mix_args.mixture)
     if (mix_args.total_clips is None) == (mix_args.total_hours is None):
         raise UsageError("give exactly one of --total_clips or --total_hours")
@@ -47,6 +48,8 @@ def main():
         raise UsageError(f"--language {data_args.language}: pretraining takes --mixture instead")
     setup_logging(training_args.should_log)
     logger.info("pretraining %s on %s", model_args.model_name_or_path, " ".join(f"{k}={v:g}" for k, v in shares.items()))
+
+    require_model(model_args.model_name_or_path, model_args.model_revision)
 
     # 2. Output dir: new, or this same run (which resumes from its last checkpoint).
     signature = run_signature("run_pretrain.py", model_args, mix_args, data_args, training_args)
@@ -117,8 +120,16 @@ def main():
     trainer.save_metrics("eval", metrics)
 
     # 7. Model card, and the Hub push when asked for.
-    write_card_or_push(trainer, finetuned_from=model_args.model_name_or_path, tasks=None,
-                       dataset=data_args.data_dir or data_args.dataset_name, tags=["wav2vec2", "pretraining", "language-tickets"])
+    mixture_name = "-".join(f"{code}{round(100 * share)}" for code, share in shares.items())
+    write_card_or_push(
+        trainer,
+        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{config.model_type}-pretrained-{mixture_name}",
+        evaluation=None,  # self-supervised: no transcripts scored
+        source=model_args.model_name_or_path,
+        source_revision=model_args.model_revision,
+        tasks=None,
+        tags=["wav2vec2", "pretraining", "language-tickets"],
+    )
 
 
 if __name__ == "__main__":

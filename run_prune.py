@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Prune a model's encoder into language tickets: the paper's second step.
 
-    python run_prune.py --model_name_or_path models/xlsr-en --language en \
-        --sparsity 0.7 0.8 0.9 --output_dir tickets/en \
-        --push_to_hub --hub_model_id me/xlsr-300m-en-ticket --hub_mask_repo_id me/xlsr-300m-masks
+    python run_prune.py --model_name_or_path models/xls-r-300m-en --language en \
+        --sparsity 0.7 0.8 0.9 --output_dir tickets/en --evaluate_on test \
+        --push_to_hub --hub_model_id me/xls-r-300m-en-ticket --hub_mask_repo_id me/xls-r-300m-masks
 
 One-shot global unstructured L1-magnitude pruning of every nn.Linear weight in the transformer
 encoder layers (``--prune_scope`` widens it), exactly ``round(sparsity * N)`` weights, several
 sparsities in one pass. Pruning the pretrained base model (no CTC head) is the paper's control
 (``--language base``). One sparsity writes the ticket to ``--output_dir``; several write
 ``--output_dir/sparsity-0.70/`` and so on. A ticket is a plain transformers model with zeros
-where the mask prunes, plus ``mask.safetensors`` and a model card.
+where the mask prunes, plus ``mask.safetensors`` and a model card; ``--evaluate_on test`` scores
+each ticket as pruned on its language's test split (data flags as in run_finetune.py) and puts
+that score in the card's model-index.
 """
 
 import hashlib
@@ -19,15 +21,20 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from transformers import AutoModelForCTC, AutoProcessor, TrainingArguments
 
 from utils.arguments import PruneArguments, parse_arguments
+from utils.data import DataArguments, dataset_reference, load_raw_splits, normalize_splits
 from utils.errors import UsageError
-from utils.hub import check_repo_id, mask_path_in_repo, push_mask, push_ticket
+from utils.features import DataCollatorCTCWithPadding, vectorize_splits
+from utils.hub import CardEvaluation, check_repo_id, mask_path_in_repo, push_mask, push_ticket, write_ticket_card
 from utils.languages import resolve_language
 from utils.layout import sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, Mask, check_sparsity
+from utils.model import require_model
 from utils.runs import run_cli, setup_logging
 from utils.tickets import PruneSpec, build_tickets, ticket_dirs
+from utils.training import CTCTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +45,10 @@ def ticket_repo(args: PruneArguments, sparsity: float) -> Optional[str]:
     return args.hub_model_id if len(args.sparsity) == 1 else f"{args.hub_model_id}-{sparsity_dirname(sparsity)}"
 
 
-def source_language(args: PruneArguments) -> Optional[str]:
+def source_language(args: PruneArguments, data_args: DataArguments) -> Optional[str]:
     """--language, else the language recorded by run_finetune.py in the source directory."""
-    if args.language:
-        return "base" if args.language == "base" else resolve_language(args.language).code
+    if data_args.language:
+        return "base" if data_args.language == "base" else resolve_language(data_args.language).code
     signature = Path(args.model_name_or_path) / "run_signature.json"
     if signature.is_file():
         return json.loads(signature.read_text(encoding="utf-8")).get("language")
@@ -50,7 +57,7 @@ def source_language(args: PruneArguments) -> Optional[str]:
 
 def main():
     # 1. Arguments, checked before anything is loaded or written.
-    (args,) = parse_arguments("run_prune.py")
+    args, data_args = parse_arguments("run_prune.py", __doc__)
     setup_logging(True)
     args.sparsity = sorted({check_sparsity(s) for s in args.sparsity})
     if args.prune_scope not in PRUNE_SCOPES:
@@ -62,17 +69,40 @@ def main():
     for flag in ("hub_model_id", "hub_mask_repo_id"):
         if getattr(args, flag):
             check_repo_id(getattr(args, flag), f"--{flag}")
-    language = source_language(args)
+    language = source_language(args, data_args)
     if args.hub_mask_repo_id and not language:
         raise UsageError("--hub_mask_repo_id needs --language (a language code, or 'base' for the pretrained control)")
+    if args.evaluate_on not in (None, "test", "validation"):
+        raise UsageError(f"--evaluate_on {args.evaluate_on!r}: expected test or validation")
+    if args.evaluate_on and language in (None, "base"):
+        raise UsageError(f"--evaluate_on needs a language ticket: --language {language or '(none)'} has no transcripts to score "
+                         "(the pretrained base model has no CTC head)")
 
     # 2. Claim each ticket directory (new, or holding this same ticket), load the source once,
     #    compute every mask in one pass over its weights, and write the tickets.
+    require_model(args.model_name_or_path, args.model_revision)
     spec = PruneSpec(scope=args.prune_scope, method=args.method, layerwise=args.layerwise, seed=args.seed)
     targets = ticket_dirs(args.output_dir, args.sparsity)
     infos = build_tickets(args.model_name_or_path, args.model_revision, targets, spec, language, compress=args.compress)
 
-    # 3. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
+    # 3. With --evaluate_on: score each ticket as pruned (greedy CTC, per-utterance rows beside it)
+    #    and put the score in its card's model-index.
+    if args.evaluate_on:
+        spoken = resolve_language(language)
+        raw = normalize_splits(load_raw_splits(data_args, spoken, wanted=(args.evaluate_on,)), spoken, data_args.chars_to_ignore)
+        prefix = "test" if args.evaluate_on == "test" else "eval"
+        for sparsity, out in targets.items():
+            processor = AutoProcessor.from_pretrained(out)
+            model = AutoModelForCTC.from_pretrained(out)
+            split = vectorize_splits(raw, processor, model.config, data_args)[args.evaluate_on]
+            scorer = CTCTrainer(model=model, args=TrainingArguments(output_dir=str(out), per_device_eval_batch_size=args.per_device_eval_batch_size, report_to=[]),
+                                data_collator=DataCollatorCTCWithPadding(processor), processing_class=processor)
+            metrics = scorer.evaluate(split, metric_key_prefix=prefix)
+            evaluation = CardEvaluation(dataset_reference(data_args, spoken, args.evaluate_on), metrics[f"{prefix}_cer"], metrics[f"{prefix}_wer"], len(split))
+            write_ticket_card(out, infos.get(sparsity) or Mask.read(out / MASK_FILE).metadata, evaluation)
+            print(f"ticket sparsity={sparsity:.2f} as pruned: {args.evaluate_on} CER {evaluation.cer:.4f} WER {evaluation.wer:.4f} ({len(split)} utterances)")
+
+    # 4. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
     for sparsity in args.sparsity:
         out = targets[sparsity]
         info = infos.get(sparsity) or Mask.read(out / MASK_FILE).metadata

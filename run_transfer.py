@@ -27,13 +27,15 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, set_seed
 
 from utils.arguments import parse_arguments
-from utils.data import build_processor, load_language_splits
+from utils import __version__
+from utils.data import build_processor, dataset_reference, load_language_splits
 from utils.errors import MissingInput, UsageError
 from utils.features import DataCollatorCTCWithPadding, vectorize_splits
+from utils.hub import CardEvaluation
 from utils.languages import resolve_language
 from utils.layout import RESULTS_FILE, sparsity_dirname
 from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, Mask, check_mask_fits, check_sparsity
-from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor
+from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
 from utils.records import TransferResult
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
 from utils.structure import architecture_differences, family_of
@@ -64,7 +66,7 @@ def weights_digest(model: torch.nn.Module, names) -> str:
 def main():
     started = time.time()
     # 1. Arguments: transfer, model overrides, data (the downstream language) and every TrainingArguments flag.
-    transfer_args, model_args, data_args, training_args = parse_arguments("run_transfer.py")
+    transfer_args, model_args, data_args, training_args = parse_arguments("run_transfer.py", __doc__)
     upstream = "base" if transfer_args.upstream == "base" else resolve_language(transfer_args.upstream).code
     downstream = resolve_language(transfer_args.downstream)
     if data_args.language and resolve_language(data_args.language).code != downstream.code:
@@ -82,6 +84,8 @@ def main():
 
     # 2. The output dir must be new or hold this same run (every result-changing setting equal),
     #    which then resumes from its last checkpoint.
+    if transfer_args.upstream_model:
+        require_model(transfer_args.upstream_model)
     transfer_args.upstream, transfer_args.downstream, transfer_args.sparsity = upstream, downstream.code, sparsity
     signature = run_signature("run_transfer.py", transfer_args, model_args, data_args, training_args)
     last_checkpoint = claim_output_dir(training_args.output_dir, signature, training_args.process_index == 0)
@@ -189,16 +193,20 @@ def main():
             final_weights_sha256=digest,
             wall_time_s=round(time.time() - started, 1),
             transformers_version=transformers.__version__,
+            suite_version=__version__,
             command=" ".join(sys.argv),
             transfer_args=asdict(transfer_args),
         )
         results.write(Path(training_args.output_dir) / RESULTS_FILE)
         logger.info("%s -> %s at %.2f: test CER %.4f, WER %.4f", upstream, downstream.code, sparsity, results.test_cer, results.test_wer)
+    test_data = dataset_reference(data_args, downstream)
     write_card_or_push(
         trainer,
-        finetuned_from=ticket_ref,
+        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{upstream}-ticket-{sparsity_dirname(sparsity)}-{downstream.code}",
+        evaluation=CardEvaluation(test_data, metrics["test_cer"], metrics["test_wer"], metrics["test_samples"]),
+        source=ticket_ref,
         language=downstream.code,
-        dataset=data_args.data_dir or data_args.dataset_name,
+        dataset=test_data.name,
         tags=["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", sparsity_dirname(sparsity)],
     )
 

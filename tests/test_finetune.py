@@ -158,6 +158,18 @@ def test_push_to_hub_as_in_the_examples(corpus_dir, tmp_path):
         card = repo.files["README.md"].decode()
         assert "- en" in card and "- language-tickets" in card
         assert "base_model" not in card  # a local source is no Hub repo id
+        # The model-index holds the test scores all_results.json reports, in the Hub's terms.
+        from huggingface_hub import ModelCard
+
+        from utils import __version__
+
+        data, results = ModelCard(card).data, json.loads((out / "all_results.json").read_text())
+        scores = {r.metric_type: r for r in data.eval_results}
+        assert (scores["cer"].metric_value, scores["wer"].metric_value) == (round(100 * results["test_cer"], 2), round(100 * results["test_wer"], 2))
+        assert {(r.task_type, r.dataset_type, r.dataset_name, r.dataset_config, r.dataset_split) for r in scores.values()} == {
+            ("automatic-speech-recognition", "audiofolder", "local audio folder", "en", "test")}
+        assert data.model_name == "tiny-en" and data.license == "apache-2.0" and data.language_tickets_version == __version__
+        assert str(tmp_path) not in card and str(corpus_dir) not in card  # no local path reaches the Hub
         pulled = subprocess.run([sys.executable, "-c", PULL, "me/tiny-en"], cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf2")),
                                 capture_output=True, text=True, timeout=120)
         assert pulled.returncode == 0, pulled.stderr[-2000:]

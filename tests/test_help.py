@@ -1,15 +1,41 @@
-"""Every script's ``--help`` prints its usage and exits 0 (a ``%`` in a help string once made
-argparse fail on it)."""
+"""Every script's ``--help`` prints its usage, starts with what the script does and a realistic
+example command, and that example parses with the script's own parser (a ``%`` in a help string
+once made argparse fail on ``--help``)."""
 
 import pytest
 
 from tests.conftest import run_in_process
-
-SCRIPTS = ["run_pretrain.py", "run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_grid.py"]
+from tests.doc_checks import SCRIPTS, command_problem, commands
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_help_prints_the_usage(script, capsys):
+def test_help_prints_the_usage_and_an_example_that_parses(script, capsys):
     assert run_in_process(script, ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {script}") and "--output_dir" in out, out[:500]
+    examples = [(name, args) for name, args in commands(out) if name == script]
+    assert examples, f"{script} --help shows no example command"
+    assert [problem for name, args in examples if (problem := command_problem(name, args))] == []
+
+
+def test_a_model_or_dataset_that_cannot_be_found_is_one_line_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cases = [
+        (["run_prune.py", "--model_name_or_path", "someone/not-a-model", "--sparsity", "0.8"], "cannot load the model 'someone/not-a-model'"),
+        (["run_finetune.py", "--language", "en", "--model_name_or_path", "configs/tiny-wav2vec2", "--use_cpu",
+          "--dataset_name", "someone/not-a-dataset"], "cannot load split 'train' of dataset 'someone/not-a-dataset'"),
+    ]
+    for i, (argv, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        result = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:], "--output_dir", str(out)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-2000:]
+        if "someone/not-a-model" in argv:
+            assert not out.exists()  # refused before anything was written

@@ -173,12 +173,48 @@ print(json.dumps({
 """
 
 
-def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
+# The card's code block, run as a user would: in a fresh interpreter that cannot import this
+# suite (-I: no script folder, no PYTHONPATH), reading from the (local test) Hub.
+CARD_READER_RUN = r"""
+import hashlib, importlib.util, json, sys
+assert importlib.util.find_spec("utils") is None, "this process must not see the suite"
+exec(open(sys.argv[1]).read())  # defines read_mask and reads the card's example mask from the Hub
+def digest(masks, meta):
+    return {"bits": {name: [list(a.shape), hashlib.sha256(np.packbits(a.reshape(-1)).tobytes()).hexdigest()] for name, a in masks.items()}, "meta": meta}
+print(json.dumps([digest(masks, meta)] + [digest(*read_mask(path)) for path in sys.argv[2:]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def scored_source(tmp_path_factory, corpus_dir):
+    """A 'fine-tuned' CTC model (random weights) with the processor of the test corpus's English:
+    a source whose tickets can be scored."""
+    import csv
+
+    from utils.data import build_processor
+    from utils.text import build_vocab, normalize_text
+
+    out = tmp_path_factory.mktemp("scored-source")
+    with open(corpus_dir / "en" / "train" / "metadata.csv", newline="", encoding="utf-8") as f:
+        texts = [normalize_text(row["transcription"], "en") for row in csv.DictReader(f)]
+    processor = build_processor(build_vocab(texts), Wav2Vec2FeatureExtractor.from_pretrained(TINY_CONFIG), str(out))
+    config = AutoConfig.from_pretrained(TINY_CONFIG, vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(out)
+    return out
+
+
+def test_push_ticket_and_mask_to_a_local_hub(scored_source, corpus_dir, tmp_path):
+    import jiwer
+    import numpy as np
+
+    source = scored_source
     with HubServer() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"))
         env.pop("HF_HUB_OFFLINE", None)
         out = tmp_path / "ticket"
-        common = ["--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.8", "--output_dir", str(out)]
+        common = ["--evaluate_on", "test", "--data_dir", str(corpus_dir / "en"), "--max_test_samples", "12",
+                  "--model_name_or_path", str(source), "--language", "en", "--sparsity", "0.8", "--output_dir", str(out)]
         # A push that stops after the ticket (no mask repo yet), with the token given as a flag ...
         flag_only = {k: v for k, v in env.items() if k != "HF_TOKEN"}
         result = run_prune([*common, "--push_to_hub", "--hub_model_id", "me/tiny-en-ticket", "--hub_token", TOKEN], flag_only)
@@ -206,9 +242,41 @@ def test_push_ticket_and_mask_to_a_local_hub(source, tmp_path):
         assert len(ticket_repo.commits) == 1 and len(mask_repo.commits) == 1
         # A second language adds a row, not a duplicate.
         result = run_prune(["--model_name_or_path", str(source), "--language", "de", "--sparsity", "0.8", "--output_dir", str(tmp_path / "de"),
-                            "--hub_mask_repo_id", "me/xlsr-masks"], env)
+                            "--hub_mask_repo_id", "me/xlsr-masks", "--no_compress"], env)
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(mask_repo.files["index.csv"].decode().strip().splitlines()) == 3
+        # The ticket's card: its test score as pruned, as a model-index the Hub shows, against
+        # jiwer on the per-utterance rows it was scored from; no local path anywhere in it.
+        card_text = ticket_repo.files["README.md"].decode()
+        card = ModelCard(card_text)
+        rows = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+        assert len(rows) == 12
+        cer = jiwer.cer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+        wer = jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+        results = {r.metric_type: r for r in card.data.eval_results}
+        assert results["cer"].metric_value == round(100 * cer, 2) and results["wer"].metric_value == round(100 * wer, 2)
+        assert (results["cer"].task_type, results["cer"].dataset_type, results["cer"].dataset_config, results["cer"].dataset_split) == (
+            "automatic-speech-recognition", "audiofolder", "en", "test")
+        assert card.data.model_name == "en-ticket-sparsity-0.80" and card.data.license == "other"  # a local source states no licence
+        assert str(tmp_path) not in card_text and str(source) not in card_text and str(corpus_dir) not in card_text
+        from utils import __version__
+
+        assert card.data.language_tickets_version == __version__
+        # The masks dataset card's reader, run as printed in a process that cannot import this
+        # suite, reads every bit and the metadata as Mask.load does.
+        reader = tmp_path / "card_reader.py"
+        block = mask_repo.files["README.md"].decode().split("```python\n", 1)[1].split("```", 1)[0]
+        reader.write_text(block)
+        isolated = subprocess.run([sys.executable, "-I", "-c", CARD_READER_RUN, str(reader), str(tmp_path / "de" / "mask.safetensors")],
+                                  cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf3")), capture_output=True, text=True, timeout=120)
+        assert isolated.returncode == 0, isolated.stderr[-3000:]
+        standalone = json.loads(isolated.stdout.strip().splitlines()[-1])
+        for read, folder, encoding in zip(standalone, (out, tmp_path / "de"), ("zstd", "packbits")):  # both encodings
+            loaded = Mask.load(folder)
+            assert set(loaded.metadata["encodings"].values()) == {encoding}
+            assert read["meta"] == loaded.metadata
+            assert read["bits"] == {name: [list(keep.shape), hashlib.sha256(np.packbits(keep.numpy().reshape(-1)).tobytes()).hexdigest()]
+                                    for name, keep in loaded.bools().items()}
         assert not [name for repo in (ticket_repo, mask_repo) for name, data in repo.files.items() if TOKEN.encode() in data]  # no pushed file holds the token
         # Everything loads back through from_pretrained and load_mask, in a fresh process.
         loaded = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB, str(ROOT)], cwd=tmp_path, env=dict(env, HF_HOME=str(tmp_path / "hf2")),

@@ -78,6 +78,17 @@ def test_cross_language_freezes_first_epoch_and_holds_mask(tickets, corpus_dir, 
     rows = read_predictions(out / "predictions_test.jsonl", expect_cer=results["test_cer"], expect_count=results["test_samples"])
     assert results["test_wer"] == sum(r.word_edits for r in rows) / sum(r.ref_words for r in rows)
     assert results["eval_loss"] == pytest.approx(json.loads((out / "trainer_state.json").read_text())["best_metric"])
+    from huggingface_hub import ModelCard
+
+    from utils import __version__
+
+    assert results["suite_version"] == __version__
+    card_text = (out / "README.md").read_text()
+    card = ModelCard(card_text).data  # the card states the same test score, on the downstream test split
+    scores = {r.metric_type: (r.metric_value, r.dataset_type, r.dataset_config, r.dataset_split) for r in card.eval_results}
+    assert scores == {"cer": (round(100 * results["test_cer"], 2), "audiofolder", "ca", "test"), "wer": (round(100 * results["test_wer"], 2), "audiofolder", "ca", "test")}
+    assert card.model_name == "en-ticket-sparsity-0.80-ca" and card.license == "apache-2.0"  # the ticket's, from its config-initialised source
+    assert str(tmp_path) not in card_text and str(tickets) not in card_text
 
 
 def test_same_language_skips_freezing_and_keeps_the_head(tickets, corpus_dir, tmp_path):

@@ -50,14 +50,17 @@ class PruneArguments:
     model_name_or_path: str = field(metadata={"help": "Fine-tuned CTC model or pretrained base model: local dir or Hub id."})
     output_dir: str = field(metadata={"help": "Ticket directory (one sparsity) or parent of sparsity-X.XX/ directories."})
     sparsity: list[float] = field(default_factory=lambda: [0.8], metadata={"help": "Fraction of in-scope weights pruned; several share one pass."})
-    language: Optional[str] = field(
-        default=None, metadata={"help": "Language the source was fine-tuned on, or 'base' for the pretrained control (default: read from a run_finetune.py output dir)."}
-    )
     prune_scope: str = field(default="encoder_linear", metadata={"help": "One of: " + "; ".join(f"{k}: {v}" for k, v in PRUNE_SCOPES.items())})
     method: str = field(default="magnitude", metadata={"help": "magnitude (L1), or random (control: same count, random positions)."})
     layerwise: bool = field(default=False, metadata={"help": "Control: the same sparsity in every tensor instead of one global threshold."})
     seed: int = field(default=0, metadata={"help": "Seed of the threshold sample, random scores and any new head."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of the source model."})
+    evaluate_on: Optional[str] = field(
+        default=None,
+        metadata={"help": "Score each ticket as pruned, before any training, on this split (test or validation) of --language's data "
+                          "(the data flags below, as in run_finetune.py): CER/WER in its card's model-index, rows in predictions_<split>.jsonl."},
+    )
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Batch size of --evaluate_on's scoring."})
     compress: bool = field(default=True, metadata={"help": "zstd-compress mask tensors when that saves at least a tenth of their size."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each ticket as a model repo (--hub_model_id)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "ORG/NAME of the ticket repo; with several sparsities '-sparsity-0.80' etc. is appended."})
@@ -92,7 +95,7 @@ class IoUArguments:
 
 SCRIPT_ARGUMENTS: dict[str, tuple[type, ...]] = {
     "run_finetune.py": (ModelArguments, DataArguments, CTCTrainingArguments),
-    "run_prune.py": (PruneArguments,),
+    "run_prune.py": (PruneArguments, DataArguments),
     "run_transfer.py": (TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
     "run_iou.py": (IoUArguments,),
     "run_pretrain.py": (PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments),
@@ -106,12 +109,20 @@ def flag_names(script: str) -> set[str]:
     return {f.name for cls in SCRIPT_ARGUMENTS[script] for f in fields(cls)}
 
 
-def parse_arguments(script: str) -> tuple:
-    """``script``'s dataclasses from the command line, or from one JSON file holding them; a value
-    the dataclasses refuse (e.g. an unknown ``--eval_strategy``) is a usage error."""
+def script_parser(script: str, description: Optional[str] = None):
+    """``script``'s argument parser; ``--help`` starts with ``description`` (the script's docstring,
+    whose example is a realistic command)."""
+    import argparse
+
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(SCRIPT_ARGUMENTS[script])
+    return HfArgumentParser(SCRIPT_ARGUMENTS[script], prog=script, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_arguments(script: str, description: Optional[str] = None) -> tuple:
+    """``script``'s dataclasses from the command line, or from one JSON file holding them; a value
+    the dataclasses refuse (e.g. an unknown ``--eval_strategy``) is a usage error."""
+    parser = script_parser(script, description)
     try:
         if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
             parsed = tuple(parser.parse_json_file(os.path.abspath(sys.argv[1])))

@@ -122,6 +122,33 @@ def build_processor(vocab: dict[str, int], feature_extractor: Wav2Vec2FeatureExt
 # Sources
 
 
+@dataclass(frozen=True)
+class DatasetReference:
+    """The split a model was scored on, in the Hub's model-index terms: ``type`` is the dataset's
+    Hub id (``audiofolder`` or ``generated`` for local data, whose paths never leave the machine),
+    ``name`` what a reader sees, ``config`` the dataset config (or the language), ``split`` the
+    source's split name."""
+
+    type: str
+    name: str
+    config: Optional[str]
+    split: str
+
+
+def dataset_reference(args: DataArguments, language: Language, split: str = "test") -> DatasetReference:
+    """Where ``split`` of ``language`` came from, without naming a local path."""
+    source_split = {"train": args.train_split_name, "validation": args.eval_split_name or ("dev" if args.dataset_name == FLEURS_REPO else "validation"),
+                    "test": args.test_split_name}[split]
+    if args.data_dir:
+        return DatasetReference("audiofolder", "local audio folder", language.code, split)
+    if args.dataset_name == GENERATED:
+        return DatasetReference("generated", "language-tickets generated espeak-ng corpus", language.code, split)
+    if args.dataset_name == FLEURS_REPO:
+        return DatasetReference(FLEURS_REPO, "FLEURS", args.dataset_config_name or language.fleurs, source_split)
+    config = fill_language(args.dataset_config_name, language.code, "--dataset_config_name") if args.dataset_config_name else None
+    return DatasetReference(args.dataset_name, args.dataset_name, config, source_split)
+
+
 def load_raw_splits(args: DataArguments, language: Language, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
     """The ``wanted`` splits of ``language`` from the source ``args`` names, as ``audio`` + ``text``.
     Without ``require_text`` (self-supervised pretraining) a source may lack transcripts."""
@@ -275,7 +302,11 @@ def load_hub_splits(args: DataArguments, language: Language, wanted: tuple[str, 
     splits = {}
     for split in wanted:
         name = names[split]
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=name, revision=args.dataset_revision)
+        try:
+            dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=name, revision=args.dataset_revision)
+        except (FileNotFoundError, ConnectionError) as err:  # no such dataset, config or split; unreachable
+            raise MissingInput(f"cannot load split {name!r} of dataset {args.dataset_name!r}"
+                               f"{f' (config {args.dataset_config_name!r})' if args.dataset_config_name else ''}: {' '.join(str(err).split())}") from None
         if not require_text and args.text_column_name not in dataset.column_names:
             dataset = dataset.add_column(args.text_column_name, [""] * len(dataset))
         for column in (args.audio_column_name, args.text_column_name):

@@ -8,15 +8,19 @@ import csv
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar, Union
 
-from huggingface_hub import CommitOperationAdd, DatasetCardData, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError
+from huggingface_hub import CommitOperationAdd, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RemoteEntryNotFoundError
 
+from . import __version__
+from .data import DatasetReference
 from .errors import UsageError
 from .hub_client import HubError, hub_errors, hub_timeout, invalid_repo_id
 from .layout import sparsity_dirname
+from .model import has_local_config_only
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,16 +32,78 @@ INDEX_COLUMNS = ["file", "language", "sparsity", "method", "scope", "layerwise",
 # ---------------------------------------------------------------------------------------------
 # Cards
 
+SUITE_LICENSE = "apache-2.0"
 
-def write_ticket_card(ticket_dir: Union[str, os.PathLike], info: dict) -> None:
-    """README.md of a ticket: metadata the Hub indexes (base model, language, tags...) and a usage note."""
+
+@dataclass(frozen=True)
+class CardEvaluation:
+    """A model's test score as its card states it: on which split of which dataset, CER and WER
+    (fractions, as ``results.json`` holds them) and how many utterances."""
+
+    dataset: DatasetReference
+    cer: float
+    wer: float
+    samples: int
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` names a Hub repo rather than a local folder (the Hub accepts only repo ids
+    as ``base_model``, and a local path must never reach a card)."""
+    return not os.path.exists(source)
+
+
+def source_license(source: str, revision: str = "main") -> str:
+    """The licence a model made from ``source`` inherits: the source card's, or this suite's for
+    weights it initialised itself from a config; ``other`` when the source states none."""
+    if has_local_config_only(source):
+        return SUITE_LICENSE
+    try:
+        readme = (Path(source) / "README.md" if not is_hub_id(source) else
+                  Path(hf_hub_download(source, "README.md", revision=revision, etag_timeout=min(hub_timeout(), constants.HF_HUB_ETAG_TIMEOUT))))
+        license = ModelCard.load(readme).data.license if readme.is_file() else None
+    except (OSError, EntryNotFoundError, HubError):
+        license = None
+    return license or "other"
+
+
+def card_metadata(model_name: str, evaluation: Optional[CardEvaluation], license: str) -> dict:
+    """What every card of the suite carries in the Hub's own terms: the title (``model_name``), the
+    licence, the suite's version, and with a test score a ``model-index`` the Hub shows as
+    evaluation results (``datasets:`` too when the data is a Hub dataset)."""
+    meta: dict = {"model_name": model_name, "license": license, "language_tickets_version": __version__}
+    if evaluation is not None:
+        ref = evaluation.dataset
+        meta["eval_results"] = [
+            EvalResult(task_type="automatic-speech-recognition", task_name="Speech Recognition", dataset_type=ref.type, dataset_name=ref.name,
+                       dataset_config=ref.config, dataset_split=ref.split, metric_type=metric, metric_name=f"Test {metric.upper()} (%)",
+                       metric_value=round(100 * value, 2))
+            for metric, value in (("cer", evaluation.cer), ("wer", evaluation.wer))
+        ]
+        if ref.type not in ("audiofolder", "generated"):
+            meta["datasets"] = [ref.type]
+    return meta
+
+
+def finish_trainer_card(readme: Union[str, os.PathLike], model_name: str, evaluation: Optional[CardEvaluation], license: str) -> None:
+    """Puts ``card_metadata`` into the card the Trainer wrote (which names the validation loss
+    only), keeping its training table."""
+    card = ModelCard.load(readme)
+    for key, value in card_metadata(model_name, evaluation, license).items():
+        setattr(card.data, key, value)
+    card.save(str(readme))
+
+
+def write_ticket_card(ticket_dir: Union[str, os.PathLike], info: dict, evaluation: Optional[CardEvaluation] = None) -> None:
+    """README.md of a ticket: metadata the Hub indexes (base model, language, tags, licence, and
+    with ``--evaluate_on`` the ticket's own test score as a model-index) and how to use it."""
     language = info.get("language")
     sparsity = info["sparsity"]
-    source_is_local = os.path.exists(info["source_model"])
+    source = info["source_model"]
+    hub_source = source if is_hub_id(source) else None
+    title = f"{'base' if language in (None, 'base') else language}-ticket-{sparsity_dirname(sparsity)}"
     data = ModelCardData(
-        base_model=None if source_is_local else info["source_model"],  # the Hub only accepts repo ids here
+        base_model=hub_source,
         language=[language] if language and language != "base" else None,
-        datasets=[info["dataset"]] if info.get("dataset") else None,
         library_name="transformers",
         pipeline_tag="automatic-speech-recognition",
         tags=["pruned", "lottery-ticket", "ctc", "wav2vec2", "language-tickets"],
@@ -45,18 +111,23 @@ def write_ticket_card(ticket_dir: Union[str, os.PathLike], info: dict) -> None:
         prune_scope=info["scope"],
         prune_method=info["method"],
         prune_layerwise=info["layerwise"],
-        source_model=info["source_model"],
-        source_revision=info.get("source_revision"),
+        source_model=hub_source,
+        source_revision=info.get("source_revision") if hub_source else None,
+        **card_metadata(title, evaluation, source_license(source, info.get("source_revision") or "main")),
     )
     what = "the pretrained base model (the paper's control)" if language in (None, "base") else f"a model fine-tuned on language `{language}`"
+    scored = ("" if evaluation is None else
+              f"\nAs pruned, before any further training, it scores {evaluation.cer:.2%} CER and {evaluation.wer:.2%} WER on the "
+              f"{evaluation.dataset.split} split of {evaluation.dataset.name} ({evaluation.dataset.config}, {evaluation.samples} utterances).\n")
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Language ticket: {info['source_model']} at {sparsity:.0%} sparsity
+# Language ticket: {language or "base"} at {sparsity:.0%} sparsity
 
-A lottery-ticket subnetwork of {what}: one-shot {"layerwise" if info["layerwise"] else "global"} unstructured
+A lottery-ticket subnetwork of {what}{f" (`{hub_source}`)" if hub_source else ""}: one-shot {"layerwise" if info["layerwise"] else "global"} unstructured
 {info["method"]} pruning of scope `{info["scope"]}`, {info["kept_total"]:,} of {info["total"]:,} weights kept.
+{scored}
 Pruned weights are stored as exact zeros in `model.safetensors`, so the ticket loads with plain transformers:
 
 ```python
@@ -64,23 +135,45 @@ from transformers import AutoModelForCTC
 model = AutoModelForCTC.from_pretrained("<this repo>")
 ```
 
-`mask.safetensors` holds the mask (1 bit per weight; see the language-tickets README for the format):
+`mask.safetensors` holds the mask, one bit per weight, in a safetensors file that `safetensors` and
+`numpy` read without this suite (the masks dataset card shows a ten-line reader).
 
-```python
-from utils.masks import Mask                # from the language-tickets repository
-mask = Mask.load("<this repo>").bools()     # {{parameter name: BoolTensor}}, True = kept
-```
-
-Made with `run_prune.py` of language-tickets, reproducing Storey, Harte & Bell (2025),
+Made with `run_prune.py` of language-tickets {__version__}, reproducing Storey, Harte & Bell (2025),
 "Language Bias in Self-Supervised Learning for Automatic Speech Recognition".
 """
     ModelCard(content).save(str(Path(ticket_dir) / "README.md"))
 
 
+# How to read a mask file with safetensors and numpy alone (the format: docs/mask-format.md). The
+# masks dataset card and the manual show exactly this text; the tests run it in a process that
+# cannot import this suite and compare it with ``Mask.load``.
+MASK_READER = """import json
+import numpy as np
+from safetensors import safe_open
+
+def read_mask(path):
+    \"\"\"{parameter name: numpy bool array, True = kept}, and the file's metadata.\"\"\"
+    with safe_open(path, framework="np") as f:
+        meta = json.loads(f.metadata()["mask"])
+        masks = {}
+        for name, shape in meta["shapes"].items():
+            data = f.get_tensor(name).tobytes()
+            if meta["encodings"][name] == "zstd":  # only masks written with compression
+                import zstandard
+                data = zstandard.ZstdDecompressor().decompress(data)
+            bits = np.unpackbits(np.frombuffer(data, np.uint8), count=int(np.prod(shape)), bitorder="little")
+            masks[name] = bits.astype(bool).reshape(shape)
+    return masks, meta
+"""
+
+
 def _masks_dataset_card(repo_id: str) -> str:
     data = DatasetCardData(
+        license=SUITE_LICENSE,
+        pretty_name="Language-ticket masks",
         tags=["lottery-ticket", "pruning", "masks", "language-tickets"],
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": INDEX_FILE}]}],
+        language_tickets_version=__version__,
     )
     return f"""---
 {data.to_yaml()}
@@ -89,18 +182,21 @@ def _masks_dataset_card(repo_id: str) -> str:
 # Language-ticket masks
 
 Pruning masks of wav2vec2/XLS-R language tickets, one file per (language, sparsity, method, scope),
-made with `run_prune.py` of language-tickets. `{INDEX_FILE}` lists them (the dataset viewer shows
-it): language, sparsity, method, scope, source model and revision, ticket repo, file, sha256 and
-kept count.
+made with `run_prune.py` of language-tickets {__version__}. `{INDEX_FILE}` lists them (the dataset
+viewer shows it): language, sparsity, method, scope, source model and revision, ticket repo, file,
+sha256 and kept count.
+
+Each file is a safetensors file (no pickle): one `uint8` tensor per pruned parameter, named after
+its state-dict key, holding the mask bits (1 = kept) of the row-major flattened weight, packed 8
+per byte in little bit order and, where that saves a tenth, zstd-compressed; a JSON `mask`
+metadata entry holds the shapes, counts, scope, method, tie rule, source model and a checksum.
+Read one with `safetensors` and `numpy` (and `zstandard` for compressed tensors):
 
 ```python
-from utils.masks import Mask
-mask = Mask.load("{repo_id}:masks/en/sparsity-0.80.safetensors").bools()  # True = kept
+{MASK_READER}
+from huggingface_hub import hf_hub_download
+masks, meta = read_mask(hf_hub_download("{repo_id}", "masks/en/sparsity-0.80.safetensors", repo_type="dataset"))
 ```
-
-Each file is a safetensors file of bit-packed masks, one tensor per pruned parameter named after its
-state-dict key, with a JSON `mask` metadata entry (shapes, counts, scope, method, tie rule,
-source model, checksum). No pickle.
 """
 
 

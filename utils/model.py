@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
+from .errors import MissingInput
 from .runs import replace_dir_atomic
 from .structure import family_of
 
@@ -43,6 +44,17 @@ class ModelArguments:
 def has_local_config_only(path: str) -> bool:
     """A local directory with a config but no weights: the caller asked for a random initialisation."""
     return os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES)
+
+
+def require_model(reference: str, revision: str = "main") -> None:
+    """Refuses, in one line and before anything is written, a model that is neither a local folder
+    nor a Hub repo this machine can read (transformers says so with an ``OSError`` traceback)."""
+    try:
+        AutoConfig.from_pretrained(reference, revision=revision)
+    except OSError as err:
+        reason = " ".join(str(err).split())
+        raise MissingInput(f"cannot load the model {reference!r}: {reason} Expected a local folder holding config.json, or a Hub "
+                           "model repo id this machine can read (HF_ENDPOINT, HF_HUB_OFFLINE, `hf auth login` for private repos)") from None
 
 
 def load_feature_extractor(args: ModelArguments):

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from .preemption import MidEpochResumeMixin
-from .training import WholeCheckpointsMixin
+from .training import SuiteCardMixin, WholeCheckpointsMixin
 
 SSL_MEASURES = ("contrastive_loss", "diversity_loss", "codevector_perplexity", "contrastive_accuracy")
 
@@ -125,7 +125,7 @@ def contrastive_accuracy(outputs, negative_indices: torch.Tensor, mask: torch.Te
     return ((positive > negative.max(-1).values) & mask).sum()
 
 
-class PretrainingTrainer(WholeCheckpointsMixin, MidEpochResumeMixin, Trainer):
+class PretrainingTrainer(WholeCheckpointsMixin, SuiteCardMixin, MidEpochResumeMixin, Trainer):
     """A Trainer for ``Wav2Vec2ForPreTraining``: the loss of each batch divided by its number of
     masked frames (the objective's own normalisation: the model returns sums), evaluation loss
     computed the same way, and the measures of ``SSL_MEASURES`` logged as means over the batches

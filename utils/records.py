@@ -87,6 +87,7 @@ class TransferResult(_Record):
     transformers_version: str
     command: str
     transfer_args: dict
+    suite_version: Optional[str] = None  # language-tickets' version (None in results written before 0.9.0)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class IoUSummary(_Record):
     vs_base: dict[str, float]
     pairs: list[dict]
     layers: list[dict]
+    suite_version: Optional[str] = None  # language-tickets' version (None in summaries written before 0.9.0)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .runs import atomic_open
 from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm_marks, mean_interval, rate_interval
 
 RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
-                  "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s"]
+                  "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s", "suite_version"]
 PER_RUN_METHOD = (f"results.csv: one row per run, its {CONFIDENCE:.0%} interval a percentile bootstrap over that run's test utterances "
                   f"({N_RESAMPLES:,} resamples, seed {SEED}; scipy.stats.bootstrap), test-set sampling only")
 
@@ -478,6 +478,9 @@ def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams:
         "on its language (before pruning): a ticket from a weaker model may transfer worse for that reason alone. Last column: the ticket's "
         f"mean over the downstream languages other than its own (a description; comparisons below use the same languages on both sides). {PER_RUN_METHOD}.\n"
     )
+    if rows:
+        made_by = sorted({r.get("suite_version") or "not recorded (runs made before 0.9.0)" for r in rows})
+        parts.append(f"Version of language-tickets that made the runs (from their results.json): {', '.join(made_by)}.\n")
     if results.missing:
         parts.append(f"## Missing results\n\n{len(results.missing)} run(s) whose results this report would show have not finished; their cells "
                      "show – and the comparisons leave them out:\n\n" + "\n".join(f"- `{step}`: {why}" for step, why in results.missing) + "\n")

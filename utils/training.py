@@ -4,12 +4,14 @@ callbacks of ticket transfer (hold the mask, freeze then unfreeze the encoder)."
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import psutil
@@ -17,8 +19,12 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
+from . import __version__
+from .hub import CardEvaluation, finish_trainer_card, is_hub_id, source_license
 from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
+from .layout import TRAINER_RESULTS_FILE
 from .preemption import MidEpochResumeMixin, train_until_stopped
+from .runs import write_json_atomic
 from .structure import Family
 
 logger = logging.getLogger(__name__)
@@ -61,7 +67,18 @@ class WholeCheckpointsMixin:
             raise
 
 
-class CTCTrainer(WholeCheckpointsMixin, MidEpochResumeMixin, Trainer):
+class SuiteCardMixin:
+    """The Trainer's model card, finished with the suite's metadata (``utils.hub.finish_trainer_card``)
+    when ``write_card_or_push`` asks for it; the Trainer's own pushes while saving make a plain
+    card, which the final push replaces."""
+
+    def create_model_card(self, evaluation: Optional[CardEvaluation] = None, **kwargs) -> None:
+        super().create_model_card(**kwargs)
+        if self.is_world_process_zero() and kwargs.get("license"):
+            finish_trainer_card(os.path.join(self.args.output_dir, "README.md"), kwargs["model_name"], evaluation, kwargs["license"])
+
+
+class CTCTrainer(WholeCheckpointsMixin, SuiteCardMixin, MidEpochResumeMixin, Trainer):
     """A Trainer that reports CER and WER of every evaluation and writes its per-utterance rows
     (``predictions_validation.jsonl``, ``predictions_test.jsonl``: see ``utils.metrics``) to the
     output dir, from the main process, in dataset order.
@@ -199,16 +216,22 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
         results |= metrics
+    if trainer.is_world_process_zero():  # the results file names the code that made it
+        path = os.path.join(args.output_dir, TRAINER_RESULTS_FILE)
+        write_json_atomic(path, json.loads(Path(path).read_text(encoding="utf-8")) | {"suite_version": __version__})
     return results
 
 
-def write_card_or_push(trainer: Trainer, **card) -> None:
-    """The model card (the speech-recognition task unless ``tasks`` says otherwise), and the Hub push
-    when ``--push_to_hub`` asks for it. A local ``finetuned_from`` is left out: the Hub accepts only
-    repo ids as ``base_model``."""
+def write_card_or_push(trainer: Trainer, model_name: str, evaluation: Optional[CardEvaluation], source: str, source_revision: str = "main",
+                       **card) -> None:
+    """The model card, and the Hub push when ``--push_to_hub`` asks for it. The Trainer's card (its
+    training table) gets the suite's metadata: the test score as a model-index (when there is one), the licence the
+    model inherits from ``source``, the version, and ``model_name`` as its title. A local ``source``
+    is never named: the Hub accepts only repo ids as ``base_model``."""
     card.setdefault("tasks", "automatic-speech-recognition")
-    if card.get("finetuned_from") and os.path.exists(card["finetuned_from"]):
-        card.pop("finetuned_from")
+    if is_hub_id(source):
+        card["finetuned_from"] = source
+    card |= {"model_name": model_name, "evaluation": evaluation, "license": source_license(source, source_revision)}
     if trainer.args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
