@@ -57,14 +57,18 @@ def intervals(work: Path, pretrain_epochs: int, finetune_epochs: int, seeds: lis
     return rates, cer, difference_interval({"en": rates["ssl"]}, {"en": rates["scratch"]})
 
 
-def print_intervals(rates: dict, cer: dict, diff) -> None:
-    for name in ("scratch", "ssl"):
-        i = cer[name]
-        print(f"English test CER from {name:>7}: {100 * i.estimate:.1f}% [{100 * i.low:.1f}, {100 * i.high:.1f}] "
-              f"(seeds {', '.join(f'{100 * c:.1f}' for c in rates[name].per_seed())})")
-    print(f"SSL - scratch: {100 * diff.estimate:+.1f} pp [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] "
-          f"(seeds {', '.join(f'{100 * d:+.1f}' for d in rates['ssl'].per_seed() - rates['scratch'].per_seed())}); "
-          f"ratio {cer['ssl'].estimate / cer['scratch'].estimate:.3f} (baseline: scratch, same steps)")
+def interval_lines(rates: dict, cer: dict, diff) -> list[str]:
+    lines = [f"English test CER from {name:>7}: {100 * cer[name].estimate:.1f}% [{100 * cer[name].low:.1f}, {100 * cer[name].high:.1f}] "
+             f"(seeds {', '.join(f'{100 * c:.1f}' for c in rates[name].per_seed())})" for name in ("scratch", "ssl")]
+    lines.append(f"SSL - scratch: {100 * diff.estimate:+.1f} pp [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] "
+                 f"(seeds {', '.join(f'{100 * d:+.1f}' for d in rates['ssl'].per_seed() - rates['scratch'].per_seed())}); "
+                 f"ratio {cer['ssl'].estimate / cer['scratch'].estimate:.3f} (baseline: scratch, same steps)")
+    return lines
+
+
+def intervals_json(rates: dict, cer: dict, diff) -> dict:
+    return {"test_cer": {name: {"estimate": i.estimate, "low": i.low, "high": i.high, "per_seed": list(rates[name].per_seed())} for name, i in cer.items()},
+            "ssl_minus_scratch": {"estimate": diff.estimate, "low": diff.low, "high": diff.high}}
 
 
 def main() -> None:
@@ -73,10 +77,18 @@ def main() -> None:
     parser.add_argument("--pretrain_epochs", type=int, default=6, help="epochs over the 2,000-clip mixture (250 updates each)")
     parser.add_argument("--finetune_epochs", type=int, default=6, help="epochs over 1,000 English clips (125 updates each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (the base is pretrained once, seed 0)")
-    parser.add_argument("--summarise", metavar="DIR", help="only print the intervals of the finished fine-tunes in DIR (no training)")
+    parser.add_argument("--summarise", metavar="DIR", help="only recompute the intervals of the finished fine-tunes in DIR (no training): "
+                        "printed, written to DIR/summary.txt and into DIR/results.json")
     args = parser.parse_args()
     if args.summarise:
-        print_intervals(*intervals(Path(args.summarise), args.pretrain_epochs, args.finetune_epochs, args.seeds))
+        folder = Path(args.summarise)
+        found = intervals(folder, args.pretrain_epochs, args.finetune_epochs, args.seeds)
+        lines = interval_lines(*found)
+        print("\n".join(lines))
+        (folder / "summary.txt").write_text("\n".join(lines) + "\n")
+        results = folder / "results.json"
+        if results.is_file():
+            results.write_text(json.dumps(json.loads(results.read_text()) | intervals_json(*found), indent=2) + "\n")
         return
 
     from utils.corpus import generate_corpus
@@ -108,15 +120,13 @@ def main() -> None:
     rates, cer, diff = intervals(work, args.pretrain_epochs, args.finetune_epochs, args.seeds)
     summary = {
         "pretrain_updates": updates, "pretrain_first_log": log[0], "pretrain_last_log": log[-1], "seeds": args.seeds,
-        "test_utterances": rates["ssl"].utterances, "finetune_updates": args.finetune_epochs * 125,
-        "test_cer": {name: {"estimate": i.estimate, "low": i.low, "high": i.high, "per_seed": list(rates[name].per_seed())} for name, i in cer.items()},
-        "ssl_minus_scratch": {"estimate": diff.estimate, "low": diff.low, "high": diff.high}, "seconds": seconds,
+        "test_utterances": rates["ssl"].utterances, "finetune_updates": args.finetune_epochs * 125, **intervals_json(rates, cer, diff), "seconds": seconds,
     }
     (work / f"results-pt{args.pretrain_epochs}-ft{args.finetune_epochs}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"SSL pretraining: {updates} updates; contrastive loss {log[0]['contrastive_loss']:.3f} -> {log[-1]['contrastive_loss']:.3f}, "
           f"accuracy {log[0]['contrastive_accuracy']:.3f} -> {log[-1]['contrastive_accuracy']:.3f}, perplexity "
           f"{log[0]['codevector_perplexity']:.1f} -> {log[-1]['codevector_perplexity']:.1f}")
-    print_intervals(rates, cer, diff)
+    print("\n".join(interval_lines(rates, cer, diff)))
 
 if __name__ == "__main__":
     main()
