@@ -131,6 +131,7 @@ def command_problem(script: str, args: list[str]) -> str | None:
         parser = script_parser(script)
         if len(args) == 1 and args[0].endswith(".json"):
             return None
+    parser.allow_abbrev = False  # a documented flag is spelled out: a prefix of a real flag is a typo here
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):

@@ -57,9 +57,11 @@ def test_each_check_fails_on_a_broken_page(tmp_path):
     problems = fence_problems(tmp_path / "x.md", swallowed)
     assert any("fence marker inside" in p for p in problems) and any("heading inside" in p for p in problems) and any("never closed" in p for p in problems)
     assert fence_problems(tmp_path / "x.md", "```bash\n# a comment\npython run_iou.py\n```\n") == []
-    bad = "```bash\npython run_prune.py --model_name_or_path m --output_dir t --sparsity high\naccelerate launch run_transfer.py --upstream en --downstream ca --spasity 0.8\n```\n"
+    bad = ("```bash\npython run_prune.py --model_name_or_path m --output_dir t --sparsity high\n"
+           "accelerate launch run_transfer.py --upstream en --downstream ca --spasity 0.8\n"
+           "python run_transfer.py --upstream en --downstream ca --freeze_epoch 1\n```\n")
     problems = documented_command_problems(ROOT / "docs" / "x.md", bad)
-    assert len(problems) == 2 and "invalid float value: 'high'" in problems[0] and "--spasity" in problems[1]
+    assert len(problems) == 3 and "invalid float value: 'high'" in problems[0] and "--spasity" in problems[1] and "--freeze_epoch" in problems[2]
     # A reading that quotes a number no generated file prints.
     readme = ROOT / "docs" / "demo-seeds" / "README.md"
     copy = tmp_path / "demo-seeds"
