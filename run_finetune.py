@@ -77,7 +77,7 @@ def main():
     test_data = dataset_reference(data_args, language)
     write_card_or_push(
         trainer,
-        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{model.config.model_type}-ctc-{language.code}",
+        local_name=f"{model.config.model_type}-ctc-{language.code}",
         evaluation=CardEvaluation(test_data, results["test_cer"], results["test_wer"], results["test_samples"]),
         source=model_args.model_name_or_path,
         source_revision=model_args.model_revision,

@@ -123,7 +123,7 @@ def main():
     mixture_name = "-".join(f"{code}{round(100 * share)}" for code, share in shares.items())
     write_card_or_push(
         trainer,
-        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{config.model_type}-pretrained-{mixture_name}",
+        local_name=f"{config.model_type}-pretrained-{mixture_name}",
         evaluation=None,  # self-supervised: no transcripts scored
         source=model_args.model_name_or_path,
         source_revision=model_args.model_revision,

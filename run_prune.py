@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoModelForCTC, AutoProcessor, TrainingArguments
+from transformers import AutoConfig, AutoModelForCTC, AutoProcessor, TrainingArguments
 
 from utils.arguments import PruneArguments, parse_arguments
 from utils.data import DataArguments, dataset_reference, load_raw_splits, normalize_splits
@@ -83,7 +83,8 @@ def main():
     require_model(args.model_name_or_path, args.model_revision)
     spec = PruneSpec(scope=args.prune_scope, method=args.method, layerwise=args.layerwise, seed=args.seed)
     targets = ticket_dirs(args.output_dir, args.sparsity)
-    infos = build_tickets(args.model_name_or_path, args.model_revision, targets, spec, language, compress=args.compress)
+    built = build_tickets(args.model_name_or_path, args.model_revision, targets, spec, language, compress=args.compress)
+    infos = {s: built.get(s) or Mask.read(out / MASK_FILE).metadata for s, out in targets.items()}  # new tickets, and reused ones
 
     # 3. With --evaluate_on: score each ticket as pruned (greedy CTC, per-utterance rows beside it)
     #    and put the score in its card's model-index.
@@ -91,21 +92,21 @@ def main():
         spoken = resolve_language(language)
         raw = normalize_splits(load_raw_splits(data_args, spoken, wanted=(args.evaluate_on,)), spoken, data_args.chars_to_ignore)
         prefix = "test" if args.evaluate_on == "test" else "eval"
+        first = targets[args.sparsity[0]]  # every ticket has the source's processor and architecture
+        processor = AutoProcessor.from_pretrained(first)
+        split = vectorize_splits(raw, processor, AutoConfig.from_pretrained(first), data_args)[args.evaluate_on]
+        reference = dataset_reference(data_args, spoken, args.evaluate_on)
         for sparsity, out in targets.items():
-            processor = AutoProcessor.from_pretrained(out)
-            model = AutoModelForCTC.from_pretrained(out)
-            split = vectorize_splits(raw, processor, model.config, data_args)[args.evaluate_on]
-            scorer = CTCTrainer(model=model, args=TrainingArguments(output_dir=str(out), per_device_eval_batch_size=args.per_device_eval_batch_size, report_to=[]),
-                                data_collator=DataCollatorCTCWithPadding(processor), processing_class=processor)
+            scorer = CTCTrainer(model=AutoModelForCTC.from_pretrained(out), processing_class=processor, data_collator=DataCollatorCTCWithPadding(processor),
+                                args=TrainingArguments(output_dir=str(out), per_device_eval_batch_size=args.per_device_eval_batch_size, report_to=[]))
             metrics = scorer.evaluate(split, metric_key_prefix=prefix)
-            evaluation = CardEvaluation(dataset_reference(data_args, spoken, args.evaluate_on), metrics[f"{prefix}_cer"], metrics[f"{prefix}_wer"], len(split))
-            write_ticket_card(out, infos.get(sparsity) or Mask.read(out / MASK_FILE).metadata, evaluation)
+            evaluation = CardEvaluation(reference, metrics[f"{prefix}_cer"], metrics[f"{prefix}_wer"], len(split))
+            write_ticket_card(out, infos[sparsity], evaluation)
             print(f"ticket sparsity={sparsity:.2f} as pruned: {args.evaluate_on} CER {evaluation.cer:.4f} WER {evaluation.wer:.4f} ({len(split)} utterances)")
 
     # 4. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
     for sparsity in args.sparsity:
-        out = targets[sparsity]
-        info = infos.get(sparsity) or Mask.read(out / MASK_FILE).metadata
+        out, info = targets[sparsity], infos[sparsity]
         repo = ticket_repo(args, sparsity)
         if args.push_to_hub:
             logger.info("pushed %s: %s", repo, push_ticket(out, repo, token=args.hub_token, private=args.hub_private_repo))

@@ -202,7 +202,7 @@ def main():
     test_data = dataset_reference(data_args, downstream)
     write_card_or_push(
         trainer,
-        model_name=training_args.hub_model_id.split("/")[-1] if training_args.hub_model_id else f"{upstream}-ticket-{sparsity_dirname(sparsity)}-{downstream.code}",
+        local_name=f"{upstream}-ticket-{sparsity_dirname(sparsity)}-{downstream.code}",
         evaluation=CardEvaluation(test_data, metrics["test_cer"], metrics["test_wer"], metrics["test_samples"]),
         source=ticket_ref,
         language=downstream.code,

@@ -4,6 +4,7 @@ runs. Each check is also shown failing on a broken page (``tests/doc_checks.py``
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,6 @@ def test_each_check_fails_on_a_broken_page(tmp_path):
     # A reading that quotes a number no generated file prints.
     readme = ROOT / "docs" / "demo-seeds" / "README.md"
     copy = tmp_path / "demo-seeds"
-    import shutil
-
     shutil.copytree(readme.parent, copy)
     text = readme.read_text(encoding="utf-8").replace("+9.37 pp", "+9.73 pp")
     (copy / "README.md").write_text(text, encoding="utf-8")

@@ -135,18 +135,21 @@ class DatasetReference:
     split: str
 
 
+def source_split_name(args: DataArguments, split: str) -> str:
+    """The Hub source's own name of ``split`` (train, validation, test): FLEURS calls validation ``dev``."""
+    default_validation = "dev" if args.dataset_name == FLEURS_REPO else "validation"
+    return {"train": args.train_split_name, "validation": args.eval_split_name or default_validation, "test": args.test_split_name}[split]
+
+
 def dataset_reference(args: DataArguments, language: Language, split: str = "test") -> DatasetReference:
-    """Where ``split`` of ``language`` came from, without naming a local path."""
-    source_split = {"train": args.train_split_name, "validation": args.eval_split_name or ("dev" if args.dataset_name == FLEURS_REPO else "validation"),
-                    "test": args.test_split_name}[split]
+    """Where ``split`` of ``language`` came from (as ``load_raw_splits`` reads it), without naming a local path."""
     if args.data_dir:
         return DatasetReference("audiofolder", "local audio folder", language.code, split)
     if args.dataset_name == GENERATED:
         return DatasetReference("generated", "language-tickets generated espeak-ng corpus", language.code, split)
     if args.dataset_name == FLEURS_REPO:
-        return DatasetReference(FLEURS_REPO, "FLEURS", args.dataset_config_name or language.fleurs, source_split)
-    config = fill_language(args.dataset_config_name, language.code, "--dataset_config_name") if args.dataset_config_name else None
-    return DatasetReference(args.dataset_name, args.dataset_name, config, source_split)
+        return DatasetReference(FLEURS_REPO, "FLEURS", args.dataset_config_name or language.fleurs, source_split_name(args, split))
+    return DatasetReference(args.dataset_name, args.dataset_name, args.dataset_config_name, source_split_name(args, split))
 
 
 def load_raw_splits(args: DataArguments, language: Language, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
@@ -162,8 +165,7 @@ def load_raw_splits(args: DataArguments, language: Language, wanted: tuple[str, 
         out = load_local_splits(os.path.join(corpus_dir, language.code), wanted)
     elif args.dataset_name == FLEURS_REPO:
         config = args.dataset_config_name or language.fleurs
-        names = {"train": args.train_split_name, "validation": args.eval_split_name or "dev", "test": args.test_split_name}
-        out = DatasetDict({split: load_fleurs_split(config, names[split], args.dataset_revision) for split in wanted})
+        out = DatasetDict({split: load_fleurs_split(config, source_split_name(args, split), args.dataset_revision) for split in wanted})
     else:
         out = load_hub_splits(args, language, wanted, require_text)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
@@ -294,14 +296,9 @@ def _extract_once(archive: str) -> Path:
 
 def load_hub_splits(args: DataArguments, language: Language, wanted: tuple[str, ...] = SPLITS, require_text: bool = True) -> DatasetDict:
     """Any Hub dataset that ``load_dataset`` reads (Parquet, audiofolder, Common Voice...)."""
-    names = {
-        "train": args.train_split_name,
-        "validation": args.eval_split_name or "validation",
-        "test": args.test_split_name,
-    }
     splits = {}
     for split in wanted:
-        name = names[split]
+        name = source_split_name(args, split)
         try:
             dataset = load_dataset(args.dataset_name, args.dataset_config_name, split=name, revision=args.dataset_revision)
         except (FileNotFoundError, ConnectionError) as err:  # no such dataset, config or split; unreachable

@@ -222,15 +222,17 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
     return results
 
 
-def write_card_or_push(trainer: Trainer, model_name: str, evaluation: Optional[CardEvaluation], source: str, source_revision: str = "main",
+def write_card_or_push(trainer: Trainer, local_name: str, evaluation: Optional[CardEvaluation], source: str, source_revision: str = "main",
                        **card) -> None:
     """The model card, and the Hub push when ``--push_to_hub`` asks for it. The Trainer's card (its
-    training table) gets the suite's metadata: the test score as a model-index (when there is one), the licence the
-    model inherits from ``source``, the version, and ``model_name`` as its title. A local ``source``
-    is never named: the Hub accepts only repo ids as ``base_model``."""
+    training table) gets the suite's metadata: the test score as a model-index (when there is one),
+    the licence the model inherits from ``source``, the version, and a title: the repo's name when
+    ``--hub_model_id`` gives one, else ``local_name``. A local ``source`` is never named: the Hub
+    accepts only repo ids as ``base_model``."""
     card.setdefault("tasks", "automatic-speech-recognition")
     if is_hub_id(source):
         card["finetuned_from"] = source
+    model_name = trainer.args.hub_model_id.split("/")[-1] if trainer.args.hub_model_id else local_name
     card |= {"model_name": model_name, "evaluation": evaluation, "license": source_license(source, source_revision)}
     if trainer.args.push_to_hub:
         trainer.push_to_hub(**card)
