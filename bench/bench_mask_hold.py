@@ -20,7 +20,7 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.masks import compute_masks, prunable_parameters  # noqa: E402
+from utils.pruning import compute_masks, prunable_parameters  # noqa: E402
 from utils.training import HoldMaskCallback  # noqa: E402
 
 WIDTHS = {"300m": (1024, 16, 4096), "2b": (1920, 16, 7680)}

@@ -36,7 +36,7 @@ def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
     from transformers import AutoConfig, AutoModelForCTC
 
     sys.path.insert(0, str(ROOT))
-    from utils.masks import apply_mask, compute_masks, prunable_parameters
+    from utils.pruning import apply_mask, compute_masks, prunable_parameters
 
     sizes = dict(SHAPES[shape])
     config = AutoConfig.for_model(sizes.pop("model_type"), vocab_size=32, **sizes)

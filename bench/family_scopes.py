@@ -15,7 +15,7 @@ import torch
 import transformers as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.masks import prunable_parameters  # noqa: E402
+from utils.pruning import prunable_parameters  # noqa: E402
 from utils.structure import family_of  # noqa: E402
 
 PUBLISHED = [  # (checkpoints, config class, hidden, layers, heads, feed-forward, extra)

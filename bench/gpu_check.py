@@ -46,7 +46,8 @@ def main() -> None:
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     from utils.iou import iou_tables
-    from utils.masks import Mask, compute_masks, prunable_parameters
+    from utils.masks import Mask
+    from utils.pruning import compute_masks, prunable_parameters
     from utils.training import HoldMaskCallback
 
     layers = 2 if args.smoke else 24

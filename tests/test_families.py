@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_in_process
 from utils.errors import UsageError
-from utils.masks import Mask, check_mask_fits, compute_masks, prunable_parameters
+from utils.masks import Mask
+from utils.pruning import check_mask_fits, compute_masks, prunable_parameters
 from utils.structure import FAMILIES, check_feature_extractor, family_of, frames_for_samples, receptive_field
 
 TINY = {"wav2vec2": "tiny-wav2vec2", "hubert": "tiny-hubert", "wavlm": "tiny-wavlm", "data2vec-audio": "tiny-data2vec-audio",

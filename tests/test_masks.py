@@ -11,18 +11,8 @@ from safetensors.numpy import save_file
 from transformers import AutoConfig, Wav2Vec2ForCTC
 
 from tests.conftest import TINY_CONFIG
-from utils.masks import (
-    Mask,
-    apply_mask,
-    check_sparsity,
-    compute_masks,
-    find_thresholds,
-    masks_from_threshold,
-    prunable_parameters,
-    resolve_mask,
-    score_fn,
-    sparsity_of,
-)
+from utils.masks import Mask, resolve_mask
+from utils.pruning import apply_mask, check_sparsity, compute_masks, cut_mask, find_thresholds, prunable_parameters, score_fn, sparsity_of
 
 
 def tiny_model(seed: int = 0) -> Wav2Vec2ForCTC:
@@ -111,9 +101,9 @@ def test_threshold_search_widens_a_missed_bracket():
     counts = [1, 17, 30000, 60999]
     thresholds = find_thresholds(weights, counts, scores, sample_size=8)  # a tiny sample misses often
     flat = torch.cat([w.abs().reshape(-1) for w in weights]).sort().values
-    for count, threshold in zip(counts, thresholds):
-        assert threshold.value == flat[count - 1].item()
-        kept = sum(int(m.sum()) for m in masks_from_threshold(weights, threshold, scores))
+    for count, cuts in zip(counts, thresholds):
+        assert all(cut.value == flat[count - 1].item() for cut in cuts)
+        kept = sum(int(cut_mask(scores(i, w), cut).sum()) for i, (w, cut) in enumerate(zip(weights, cuts)))
         assert kept == flat.numel() - count
 
 

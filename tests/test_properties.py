@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from utils.iou import iou_tables, random_iou
-from utils.masks import Mask, compute_masks, pack, unpack
+from utils.masks import Mask, pack, unpack
+from utils.pruning import compute_masks
 from utils.text import normalize_text
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True)  # the same examples on every run: CI never meets a new one by chance

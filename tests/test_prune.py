@@ -16,7 +16,8 @@ from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, W
 from tests.conftest import ROOT, TINY_CONFIG, files_containing
 from tests.hub_server import TOKEN, HubServer
 from utils.errors import UsageError
-from utils.masks import Mask, parse_reference, prunable_parameters
+from utils.masks import Mask, parse_reference
+from utils.pruning import prunable_parameters
 
 
 def run_prune(args, env=None):

@@ -107,3 +107,34 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
         raise
     except (HfHubHTTPError, RepositoryNotFoundError, LocalEntryNotFoundError, httpx2.TransportError) as err:
         raise explain_hub_error(err, repo_id, action) from err
+
+
+def check_repo_id(repo_id: str, flag: str) -> str:
+    """A repo id to push to, checked by huggingface_hub's rules before any work: one line otherwise."""
+    if why := invalid_repo_id(repo_id):
+        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id ({why}): expected ORG/NAME or NAME")
+    return repo_id
+
+
+def checkpoint_file(source: str, revision: str, filename: str) -> Optional[str]:
+    """A file of a model: in its local folder, or downloaded (and cached) from its Hub repo; None
+    when the folder or repo has no such file."""
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(source, filename, revision=revision)
+    except EntryNotFoundError:  # remote 404, or (offline) not in the cache
+        return None
+
+
+def resolved_commit(source: str, revision: str) -> Optional[str]:
+    """The commit a Hub model's revision resolves to (the snapshot holding its cached config.json),
+    recorded with a ticket; None for a local folder."""
+    if os.path.isdir(source):
+        return None
+    config = checkpoint_file(source, revision, "config.json")
+    return os.path.basename(os.path.dirname(config)) if config else None

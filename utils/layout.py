@@ -27,7 +27,14 @@ from typing import Optional
 
 RESULTS_FILE = "results.json"
 IOU_FILE = "iou.json"
+MASK_FILE = "mask.safetensors"  # a ticket's mask (format in utils/masks.py)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TRAINER_RESULTS_FILE = "all_results.json"  # what the Trainer's save_metrics leaves when a training run is over
+
+
+def has_local_config_only(path: str | Path) -> bool:
+    """A local directory with a config but no weights: the caller asked for a random initialisation."""
+    return Path(path).is_dir() and not any((Path(path) / f).exists() for f in WEIGHT_FILES)
 
 
 def sparsity_dirname(sparsity: float) -> str:

@@ -1,14 +1,6 @@
-"""Pruning masks: which weights are in scope, the exact global threshold, the mask file format,
-and applying a mask to a model.
-
-A mask in memory is ``dict[str, torch.BoolTensor]`` keyed by state-dict name, True = kept.
-
-Pruning ranks the weights in scope by score (|w| for magnitude pruning, a seeded uniform draw for
-the random control) and prunes exactly ``round(sparsity * N)`` of them. **Tie rule**: weights with
-equal score are ordered by position, first by the order of their tensors in the model's
-``named_parameters()``, then by row-major index inside the tensor; earlier positions are pruned
-first. The threshold is found without ever concatenating the weights: a seeded sample brackets
-it, one pass counts and collects the few scores inside the bracket, and a sort of those picks it.
+"""A ticket's mask as one type (``Mask``), its file format, and where a mask is read from. Only
+numpy and safetensors are needed to read, compare (``utils.iou``) and write masks; torch is
+imported only to hand them to a model (``Mask.bools``). How masks are computed is ``utils.pruning``.
 
 Mask file (``mask.safetensors``), format version 1:
 - one ``uint8`` tensor per pruned parameter, named after its state-dict key, holding the mask
@@ -32,211 +24,24 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 from safetensors import safe_open
 from safetensors.numpy import save
 
 from .errors import MissingInput, UsageError
 from .hub_client import hub_errors, invalid_repo_id
+from .layout import MASK_FILE
 from .runs import atomic_open
-from .structure import family_of, family_of_name
 
 MASK_FORMAT = "language-tickets-mask"
 MASK_FORMAT_VERSION = 1
-MASK_FILE = "mask.safetensors"
 TIE_RULE = "lower score pruned first; equal scores: earlier tensor (named_parameters order), then lower row-major index, pruned first"
-
-# Named scopes, read from each family's entry in ``utils.structure``. Biases, norms, positional
-# convolutions, adapters and the CTC head are never pruned.
-PRUNE_SCOPES = {
-    "encoder_linear": "every weight of the encoder layers' attention (q/k/v/out) and feed-forward matrices, and for conformer "
-    "layers (w2v-BERT) both feed-forward blocks and the convolution module: the paper's and PARP's scope",
-    "encoder_and_projection": "encoder_linear plus the feature projection",
-    "encoder_projection_conv": "encoder_and_projection plus the conv feature encoder kernels (raw-waveform families; for tiny "
-    "models, whose compute sits in the conv stack)",
-}
-PRUNE_METHODS = ("magnitude", "random")
-
-
-def prunable_parameters(model: torch.nn.Module, scope: str = "encoder_linear") -> dict[str, torch.nn.Parameter]:
-    """The weights a scope names, in ``named_parameters()`` order (the order the tie rule uses)."""
-    if scope not in PRUNE_SCOPES:
-        raise UsageError(f"unknown prune scope {scope!r}: expected one of {', '.join(PRUNE_SCOPES)}")
-    family = family_of(model)
-    if scope == "encoder_projection_conv" and family.feature_encoder is None:
-        raise UsageError(f"prune scope {scope!r} needs a conv feature encoder, which a {family.name} model has none of: "
-                         "expected encoder_linear or encoder_and_projection")
-    conv = family.conv_kernel_pattern if scope == "encoder_projection_conv" else None
-
-    def in_scope(name: str) -> bool:
-        return bool(family.module_of(name) or (scope != "encoder_linear" and name == family.projection_weight) or (conv and conv.match(name)))
-
-    return {name: param for name, param in model.named_parameters() if in_scope(name)}
-
-
-def check_sparsity(sparsity: float) -> float:
-    if not (isinstance(sparsity, (int, float)) and 0.0 < float(sparsity) < 1.0):
-        raise UsageError(f"sparsity {sparsity!r} is outside (0, 1): expected e.g. 0.7, 0.8 or 0.9")
-    return float(sparsity)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scores and the exact threshold
-
-
-ScoreFn = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-def score_fn(method: str, seed: int = 0) -> ScoreFn:
-    """Score of each weight (lower = pruned first): |w| in float32, or a seeded uniform draw per tensor."""
-    if method == "magnitude":
-        return lambda index, weight: weight.detach().float().abs()
-    if method == "random":
-
-        def random_scores(index: int, weight: torch.Tensor) -> torch.Tensor:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            return torch.rand(weight.shape, generator=generator)
-
-        return random_scores
-    raise UsageError(f"unknown prune method {method!r}: expected one of {', '.join(PRUNE_METHODS)}")
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """Prune every score below ``value``, and the first ``ties`` scores equal to it (tie rule)."""
-
-    value: float
-    ties: int
-
-
-def find_thresholds(
-    weights: list[torch.Tensor], counts: list[int], scores: ScoreFn, sample_size: int = 1 << 20, seed: int = 0
-) -> list[Threshold]:
-    """Exact thresholds that prune ``counts[j]`` of the scores of ``weights`` (each 0 < count < N),
-    all sparsities sharing one pass over the weights per bracketing round."""
-    sizes = [w.numel() for w in weights]
-    total = sum(sizes)
-    generator = torch.Generator().manual_seed(seed)
-    sample = []
-    for index, weight in enumerate(weights):
-        take = max(1, math.ceil(sample_size * weight.numel() / total))
-        positions = torch.randint(weight.numel(), (take,), generator=generator)
-        sample.append(scores(index, weight).reshape(-1)[positions])
-    sample = torch.sort(torch.cat(sample)).values
-    m = sample.numel()
-    results: list[Optional[Threshold]] = [None] * len(counts)
-    widths = [4.0] * len(counts)
-    while any(r is None for r in results):
-        pending = [j for j, r in enumerate(results) if r is None]
-        brackets = {}
-        for j in pending:
-            q = counts[j] / total
-            centre = q * m
-            margin = widths[j] * math.sqrt(m * q * (1 - q)) + 64
-            lo_i, hi_i = math.floor(centre - margin), math.ceil(centre + margin)
-            lo = sample[lo_i].item() if lo_i >= 0 else -math.inf
-            hi = sample[hi_i].item() if hi_i < m else math.inf
-            brackets[j] = (lo, hi)
-        below = {j: 0 for j in pending}
-        inside: dict[int, list[torch.Tensor]] = {j: [] for j in pending}
-        for index, weight in enumerate(weights):
-            s = scores(index, weight).reshape(-1)
-            for j, (lo, hi) in brackets.items():
-                below[j] += int((s < lo).sum())
-                inside[j].append(s[(s >= lo) & (s <= hi)])
-        for j in pending:
-            values = torch.cat(inside[j])
-            rank = counts[j] - below[j]  # 1-based rank of the threshold inside the bracket
-            if 1 <= rank <= values.numel():
-                value = torch.sort(values).values[rank - 1].item()
-                strictly_below = below[j] + int((values < value).sum())
-                results[j] = Threshold(value=value, ties=counts[j] - strictly_below)
-            else:
-                widths[j] *= 4  # the sample missed: widen the bracket and count again
-    return results  # type: ignore[return-value]
-
-
-def masks_from_threshold(weights: list[torch.Tensor], threshold: Threshold, scores: ScoreFn) -> list[torch.Tensor]:
-    """Bool masks (True = kept) applying ``threshold`` and its tie rule across ``weights`` in order."""
-    ties_left = threshold.ties
-    masks = []
-    for index, weight in enumerate(weights):
-        s = scores(index, weight)
-        keep = s > threshold.value
-        if ties_left > 0:
-            tied = (s == threshold.value).reshape(-1).nonzero().squeeze(1)
-            flat = keep.view(-1)
-            flat[tied[ties_left:]] = True  # ties after the first `ties_left` (in position order) are kept
-            ties_left -= min(ties_left, tied.numel())
-        else:
-            keep |= s == threshold.value
-        masks.append(keep)
-    return masks
-
-
-def compute_masks(
-    params: dict[str, torch.Tensor],
-    sparsities: Iterable[float],
-    method: str = "magnitude",
-    layerwise: bool = False,
-    seed: int = 0,
-) -> dict[float, dict[str, torch.Tensor]]:
-    """Masks for every sparsity: global (one threshold over all tensors) or layerwise (the same
-    sparsity in every tensor, each tensor by the same rule)."""
-    sparsities = [check_sparsity(s) for s in sparsities]
-    names, weights = list(params), list(params.values())
-    scores = score_fn(method, seed)
-    groups = [(0, weights)] if not layerwise else [(i, [w]) for i, w in enumerate(weights)]
-    out: dict[float, list[torch.Tensor]] = {s: [] for s in sparsities}
-    for offset, group in groups:
-        n = sum(w.numel() for w in group)
-        counts = [round(s * n) for s in sparsities]
-        indexed = lambda i, w, offset=offset: scores(offset + i, w)  # noqa: E731 - keep global tensor index for random scores
-        solvable = [c for c in counts if 0 < c < n]
-        thresholds = dict(zip(solvable, find_thresholds(group, solvable, indexed, seed=seed))) if solvable else {}
-        for s, c in zip(sparsities, counts):
-            if c == 0:
-                out[s] += [torch.ones(w.shape, dtype=torch.bool) for w in group]
-            elif c == n:
-                out[s] += [torch.zeros(w.shape, dtype=torch.bool) for w in group]
-            else:
-                out[s] += masks_from_threshold(group, thresholds[c], indexed)
-    return {s: dict(zip(names, masks)) for s, masks in out.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Applying
-
-
-def check_mask_fits(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> None:
-    """Names and shapes of ``mask`` must all exist in ``model``; one clear error otherwise."""
-    params = dict(model.named_parameters())
-    missing = [name for name in mask if name not in params]
-    if missing:
-        family, made_for = family_of(model), family_of_name(missing[0])
-        if made_for is not None and made_for is not family:
-            raise UsageError(f"the mask was made for a {made_for.name} model but this model is {family.name}: expected a ticket of the same family")
-        raise UsageError(f"mask names {len(missing)} parameter(s) the model lacks, e.g. {missing[0]!r}: expected a mask made for this architecture")
-    for name, keep in mask.items():
-        if tuple(keep.shape) != tuple(params[name].shape):
-            raise UsageError(f"mask shape {tuple(keep.shape)} for {name!r} does not fit the model's {tuple(params[name].shape)}")
-
-
-@torch.no_grad()
-def apply_mask(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> None:
-    """Set every pruned weight to exactly 0, in place."""
-    check_mask_fits(model, mask)
-    params = dict(model.named_parameters())
-    for name, keep in mask.items():
-        params[name].masked_fill_(~keep.to(params[name].device), 0)
-
-
-def sparsity_of(mask: dict[str, torch.Tensor]) -> float:
-    total = sum(k.numel() for k in mask.values())
-    return 1.0 - sum(int(k.sum()) for k in mask.values()) / total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +53,8 @@ def pack(keep: torch.Tensor) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
     n = math.prod(shape)
     return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").astype(bool)).reshape(shape)
 
@@ -312,9 +119,16 @@ class Mask:
     def save(path: Union[str, os.PathLike], mask: dict[str, torch.Tensor], info: dict, compress: bool = True) -> dict:
         """Write ``mask`` (True = kept) with ``info`` (sparsity, scope, method, ...) to ``path``,
         atomically. Returns the metadata written."""
+        return Mask.save_packed(path, {name: pack(keep) for name, keep in mask.items()}, {name: tuple(keep.shape) for name, keep in mask.items()},
+                                {name: int(keep.sum()) for name, keep in mask.items()}, info, compress)
+
+    @staticmethod
+    def save_packed(path: Union[str, os.PathLike], packed: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], kept: dict[str, int],
+                    info: dict, compress: bool = True) -> dict:
+        """``save`` for masks already packed (``pack``) tensor by tensor, as pruning from a
+        checkpoint's files makes them, with each tensor's shape and kept count."""
         import zstandard
 
-        packed = {name: pack(keep) for name, keep in mask.items()}
         digest = hashlib.sha256()
         for name in sorted(packed):
             digest.update(packed[name].tobytes())
@@ -324,13 +138,12 @@ class Mask:
             use_zstd = compress and squeezed.nbytes <= 0.9 * bits.nbytes
             tensors[name] = squeezed if use_zstd else bits
             encodings[name] = "zstd" if use_zstd else "packbits"
-        kept = {name: int(keep.sum()) for name, keep in mask.items()}
-        total = sum(k.numel() for k in mask.values())
+        total = sum(math.prod(shape) for shape in shapes.values())
         metadata = {
             "format": MASK_FORMAT,
             "format_version": MASK_FORMAT_VERSION,
-            "shapes": {name: list(keep.shape) for name, keep in mask.items()},
-            "kept": kept,
+            "shapes": {name: list(shape) for name, shape in shapes.items()},
+            "kept": dict(kept),
             "encodings": encodings,
             "bit_order": "little",
             "total": total,

@@ -5,46 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
+from .arguments import ModelArguments
 from .errors import MissingInput
+from .hub_client import checkpoint_file
+from .layout import has_local_config_only
 from .runs import replace_dir_atomic
 from .structure import family_of
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-@dataclass
-class ModelArguments:
-    """Which model to fine-tune and the config values to override (None keeps the checkpoint's)."""
-
-    model_name_or_path: str = field(
-        default="facebook/wav2vec2-xls-r-300m",
-        metadata={"help": "Hub id or local dir. A local dir with only config.json (+ preprocessor_config.json) starts from random weights."},
-    )
-    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
-    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the conv feature encoder frozen."})
-    attention_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.attention_dropout."})
-    activation_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.activation_dropout."})
-    hidden_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.hidden_dropout."})
-    feat_proj_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.feat_proj_dropout."})
-    final_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.final_dropout."})
-    mask_time_prob: Optional[float] = field(default=None, metadata={"help": "Override config.mask_time_prob (SpecAugment)."})
-    layerdrop: Optional[float] = field(default=None, metadata={"help": "Override config.layerdrop."})
-    ctc_loss_reduction: str = field(default="mean", metadata={"help": "CTC loss reduction: mean or sum."})
-    ctc_zero_infinity: bool = field(default=True, metadata={"help": "Zero infinite CTC losses (unalignable rows)."})
-
-
-def has_local_config_only(path: str) -> bool:
-    """A local directory with a config but no weights: the caller asked for a random initialisation."""
-    return os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES)
-
 
 def require_model(reference: str, revision: str = "main") -> None:
     """Refuses, in one line and before anything is written, a model that is neither a local folder
@@ -123,12 +96,8 @@ def checkpoint_vocab(path_or_repo: str, revision: str = "main") -> Optional[dict
     """The ``vocab.json`` a checkpoint's tokenizer uses, or None if it has none (a base model)."""
     import json
 
-    local = os.path.join(path_or_repo, "vocab.json")
-    if os.path.isdir(path_or_repo):
-        return json.loads(open(local, encoding="utf-8").read()) if os.path.isfile(local) else None
-    from huggingface_hub import hf_hub_download
-
     try:
-        return json.loads(open(hf_hub_download(path_or_repo, "vocab.json", revision=revision), encoding="utf-8").read())
-    except Exception:  # no such file in the repo (base models), or offline: no vocabulary to compare
+        path = checkpoint_file(path_or_repo, revision, "vocab.json")
+    except Exception:  # offline, or the Hub out of reach: no vocabulary to compare
         return None
+    return json.loads(open(path, encoding="utf-8").read()) if path else None  # base models have none

@@ -24,11 +24,12 @@ from typing import Optional
 
 from .errors import UsageError
 
-# Feed-forward and self-attention as wav2vec2-style encoder layers name them.
+# Feed-forward and self-attention as wav2vec2-style encoder layers name them, in the order the
+# model's ``named_parameters()`` lists them (the tie rule's order, kept when pruning from files).
 _ATTENTION_FFN = {
-    "attention.q_proj": "q",
     "attention.k_proj": "k",
     "attention.v_proj": "v",
+    "attention.q_proj": "q",
     "attention.out_proj": "out",
     "feed_forward.intermediate_dense": "ffn_in",
     "feed_forward.output_dense": "ffn_out",
@@ -44,7 +45,7 @@ class Family:
     name: str
     model_type: str  # config.model_type
     base: str  # attribute of the base model in the *ForCTC class
-    modules: dict[str, str]  # path inside an encoder layer -> module type (IoU groups, default scope)
+    modules: dict[str, str]  # path inside an encoder layer -> module type (IoU groups, default scope), in named_parameters() order
     input_name: str  # what the feature extractor produces and the model's forward takes
     feature_encoder: Optional[str]  # conv stack on raw audio (frozen by --freeze_feature_encoder); None for log-mel input
     architecture_fields: tuple[str, ...]
@@ -88,6 +89,18 @@ class Family:
         match = self.layer_pattern.match(name)
         return (int(match.group(1)), self.modules[match.group(2)]) if match else None
 
+    def parameter_rank(self, name: str) -> tuple[int, ...]:
+        """Sort key putting prunable weight names (encoder layers, projection, conv kernels) in the
+        order the model's ``named_parameters()`` lists them, for checkpoints read without a model:
+        conv feature encoder, then feature projection, then the layers, each in table order."""
+        if match := self.layer_pattern.match(name):
+            return (2, int(match.group(1)), list(self.modules).index(match.group(2)))
+        if name == self.projection_weight:
+            return (1,)
+        if self.conv_kernel_pattern and self.conv_kernel_pattern.match(name):
+            return (0, int(name.split(".conv_layers.")[1].split(".")[0]))
+        raise ValueError(f"{name!r} is not a prunable weight of a {self.name} model")
+
 
 _RAW = dict(input_name="input_values", feature_encoder="feature_extractor")
 FAMILIES: dict[str, Family] = {
@@ -124,7 +137,6 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
-MODULE_ORDER = tuple(dict.fromkeys(t for family in FAMILIES.values() for t in family.modules.values()))
 
 
 def family_of(config) -> Family:
@@ -213,3 +225,24 @@ def check_feature_extractor(config, extractor) -> None:
             f"the feature extractor {type(extractor).__name__} produces {produced!r}, but a {family.name} model takes {family.input_name!r}: "
             f"expected the feature extractor saved with the model ({'log-mel features' if family.input_name == 'input_features' else 'raw waveforms'})"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# What pruning may be asked for (checked before torch is imported)
+
+# Named scopes, read from each family's entry in ``utils.structure``. Biases, norms, positional
+# convolutions, adapters and the CTC head are never pruned.
+PRUNE_SCOPES = {
+    "encoder_linear": "every weight of the encoder layers' attention (q/k/v/out) and feed-forward matrices, and for conformer "
+    "layers (w2v-BERT) both feed-forward blocks and the convolution module: the paper's and PARP's scope",
+    "encoder_and_projection": "encoder_linear plus the feature projection",
+    "encoder_projection_conv": "encoder_and_projection plus the conv feature encoder kernels (raw-waveform families; for tiny "
+    "models, whose compute sits in the conv stack)",
+}
+PRUNE_METHODS = ("magnitude", "random")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not (isinstance(sparsity, (int, float)) and 0.0 < float(sparsity) < 1.0):
+        raise UsageError(f"sparsity {sparsity!r} is outside (0, 1): expected e.g. 0.7, 0.8 or 0.9")
+    return float(sparsity)
