@@ -22,7 +22,7 @@ from utils.features import DataCollatorCTCWithPadding, vectorize_splits
 from utils.languages import resolve_language
 from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
-from utils.training import CTCTrainer, train_and_evaluate, write_card_or_push
+from utils.training import CTCTrainer, remove_checkpoints_after_success, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def main():
         dataset=test_data.name,
         tags=["ctc", "language-tickets"],
     )
+    remove_checkpoints_after_success(trainer)  # all of the above is written: they were only for resuming
 
 
 if __name__ == "__main__":

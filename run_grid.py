@@ -30,15 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from utils.arguments import flag_names
-from utils.bases import write_comparison
-from utils.data import DataArguments
+from utils.arguments import DataArguments, flag_names
 from utils.errors import UsageError
 from utils.executors import EXECUTORS, LIVE_STATES, cancel_slurm, check_local, local_gpu_count, read_record, run_local, slurm_executor, slurm_jobs, submit_slurm
-from utils.grid import (StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_record_path, step_states,
-                        step_status, sub_studies)
+from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_record_path, step_states, step_status, sub_studies
 from utils.records import TransferResult
-from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 from utils.runs import lock_folder, run_cli
 
 
@@ -63,6 +59,9 @@ def check_flags(config) -> None:
 def aggregate(config, steps) -> Path:
     """Every transfer result in one table (with its interval), and the report; with several bases,
     each base's own report and the comparison of the bases above them."""
+    from utils.bases import write_comparison  # matplotlib and scipy: only once there is a report to write
+    from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
+
     upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
     per_base, table = {}, []
     for name, folder, prefix in sub_studies(config):
@@ -79,6 +78,16 @@ def aggregate(config, steps) -> Path:
     path, _ = write_comparison(config.output_dir, per_base, config.sparsities, config.upstream, config.downstream, config.dominant, config.bases,
                                f"Study: {config.name}: pretraining bases compared", config.note)
     return path
+
+
+def dry_run_footprint(config, steps) -> list[str]:
+    """The study's disk footprint per step kind, from its models' configs (one line if one cannot be read)."""
+    from utils.footprint import footprint_lines, model_size, study_footprint
+
+    try:
+        return footprint_lines(study_footprint(config, steps, model_size), config.keep_checkpoints)
+    except (OSError, ValueError) as err:  # a Hub model's config out of reach (offline), say
+        return [f"# disk footprint: unknown here, the model's config cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})"]
 
 
 def print_status(rows: list[dict]) -> None:
@@ -129,11 +138,11 @@ def main():
     config = load_config(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
-    check_flags(config)
     steps = plan(config)
-    if args.status:
+    if args.status:  # records only: answers without torch, even for a config whose flags would be refused
         print_status(step_status(config, steps, slurm_jobs()))
         return
+    check_flags(config)  # the training scripts' flags come from transformers' TrainingArguments, which imports torch
     if args.cancel:
         scheduler = slurm_jobs()
         if scheduler is None:
@@ -164,6 +173,7 @@ def main():
             print(f"# {len(stale)} stale step(s): `--rerun_stale` moves their outputs aside and runs them again")
         for step in todo:
             print(f"# {step.id}" + (f" (after {', '.join(step.needs)})" if step.needs else "") + f"\n{shlex.join(step.argv)}")
+        print("\n".join(dry_run_footprint(config, steps)))
         print(f"# {len(todo)} of {len(steps)} steps to run ({len(stale)} of them stale)")
         return
     if stale and not args.rerun_stale:

@@ -24,13 +24,14 @@ from transformers import AutoConfig, AutoFeatureExtractor, Wav2Vec2ForPreTrainin
 
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
+from utils.layout import has_local_config_only
 from utils.mixture import load_mixture_splits, parse_mixture
-from utils.model import has_local_config_only, require_model
+from utils.model import require_model
 from utils.preemption import train_until_stopped
 from utils.pretraining import DataCollatorForWav2Vec2Pretraining, PretrainingTrainer
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging, write_json_atomic
 from utils.structure import FAMILIES, family_of
-from utils.training import write_card_or_push
+from utils.training import refuse_finished_run, remove_checkpoints_after_success, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def main():
     )
 
     # 6. Train (resuming this run's last checkpoint; a stop signal saves and exits), save the base, evaluate it.
+    refuse_finished_run(training_args, training_args.resume_from_checkpoint or last_checkpoint)
     train_result = train_until_stopped(trainer, training_args.resume_from_checkpoint or last_checkpoint)
     model.config.mask_time_prob = fine_tuning_mask_time_prob
     trainer.save_model()
@@ -130,6 +132,7 @@ def main():
         tasks=None,
         tags=["wav2vec2", "pretraining", "language-tickets"],
     )
+    remove_checkpoints_after_success(trainer)  # all of the above is written: they were only for resuming
 
 
 if __name__ == "__main__":

@@ -26,21 +26,22 @@ import transformers
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, set_seed
 
-from utils.arguments import parse_arguments
 from utils import __version__
+from utils.arguments import ModelArguments, parse_arguments
 from utils.data import build_processor, dataset_reference, load_language_splits
 from utils.errors import MissingInput, UsageError
 from utils.features import DataCollatorCTCWithPadding, vectorize_splits
 from utils.hub import CardEvaluation
 from utils.languages import resolve_language
-from utils.layout import RESULTS_FILE, sparsity_dirname
-from utils.masks import MASK_FILE, PRUNE_SCOPES, apply_mask, Mask, check_mask_fits, check_sparsity
-from utils.model import ModelArguments, checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
+from utils.layout import MASK_FILE, RESULTS_FILE, sparsity_dirname
+from utils.masks import Mask
+from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
+from utils.pruning import apply_mask, check_mask_fits
 from utils.records import TransferResult
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
-from utils.structure import architecture_differences, family_of
+from utils.structure import PRUNE_SCOPES, architecture_differences, check_sparsity, family_of
 from utils.tickets import PruneSpec, find_ticket
-from utils.training import CTCTrainer, FreezeEncoderCallback, HoldMaskCallback, train_and_evaluate, write_card_or_push
+from utils.training import CTCTrainer, FreezeEncoderCallback, HoldMaskCallback, remove_checkpoints_after_success, train_and_evaluate, write_card_or_push
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def main():
         dataset=test_data.name,
         tags=["ctc", "language-tickets", "lottery-ticket", "pruned", f"upstream-{upstream}", sparsity_dirname(sparsity)],
     )
+    remove_checkpoints_after_success(trainer)  # all of the above is written: they were only for resuming
 
 
 if __name__ == "__main__":

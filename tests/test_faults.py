@@ -71,6 +71,7 @@ def test_fine_tuning_survives_kills_torn_checkpoints_and_a_full_disk(corpus_dir,
     stdout, stderr = final.communicate(timeout=600)
     assert final.returncode == 0, stderr[-3000:]
     assert same_tensors(out / "model.safetensors", reference / "model.safetensors")
+    assert not list(out.glob("checkpoint-*"))  # kept through the kills and the full disk, removed once the run succeeded
     for name in ("predictions_validation.jsonl", "predictions_test.jsonl"):
         assert (out / name).read_bytes() == (reference / name).read_bytes()
     ours, theirs = (json.loads((d / "all_results.json").read_text()) for d in (out, reference))
@@ -89,6 +90,13 @@ def test_fine_tuning_survives_kills_torn_checkpoints_and_a_full_disk(corpus_dir,
     resumed = plain("run_finetune.py", args, script_env)
     assert resumed.returncode == 0 and "resuming inside epoch 2" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     assert same_tensors(stopped / "model.safetensors", reference / "model.safetensors")
+    assert not list(stopped.glob("checkpoint-*")) and "run finished: removed its" in resumed.stdout + resumed.stderr
+    # 7. The same command once more: the run is finished and its checkpoints are gone, so there is nothing to resume, and
+    #    training again would overwrite it: refused in one line, the run's files untouched.
+    before = {p: p.read_bytes() for p in stopped.rglob("*") if p.is_file()}
+    again = plain("run_finetune.py", args, script_env)
+    assert again.returncode == 2 and "holds a finished run whose checkpoints were removed" in last_line(again), again.stderr[-2000:]
+    assert {p: p.read_bytes() for p in stopped.rglob("*") if p.is_file()} == before
     assert (stopped / "predictions_test.jsonl").read_bytes() == (reference / "predictions_test.jsonl").read_bytes()
 
 
@@ -102,10 +110,10 @@ def test_pruning_survives_a_kill_mid_ticket_and_a_full_disk(corpus_dir, tmp_path
     assert run_in_process("run_prune.py", prune(reference)) == 0
     out = tmp_path / "tickets"
     # Killed while the second ticket's mask is written: the first ticket is whole, the second only staged.
-    assert faulty("utils.masks:Mask.save#2", "kill", "run_prune.py", prune(out), script_env).returncode == KILLED
+    assert faulty("utils.masks:Mask.save_packed#2", "kill", "run_prune.py", prune(out), script_env).returncode == KILLED
     assert (out / "sparsity-0.50" / "mask.safetensors").is_file() and not (out / "sparsity-0.70" / "mask.safetensors").exists()
     # The disk fills while the third ticket is written: one line, the first two whole, no staging folder left.
-    full = faulty("utils.tickets:_write_ticket#2", "fsize=4096", "run_prune.py", prune(out), script_env)
+    full = faulty("utils.tickets:_stage#2", "fsize=4096", "run_prune.py", prune(out), script_env)
     assert full.returncode == 1 and last_line(full).startswith("error: out of disk space"), full.stderr[-2000:]
     assert not list(out.glob(".*.tmp")) and not (out / "sparsity-0.90" / "mask.safetensors").exists()
     assert plain("run_prune.py", prune(out), script_env).returncode == 0

@@ -124,6 +124,10 @@ def test_plan_covers_the_study_and_identities_follow_dependencies(tmp_path):
     before = digests()
     same = digests(note="a note", finetune=study_config(tmp_path)["finetune"] | {"logging_steps": 5, "disable_tqdm": False})
     assert same == before  # runtime-only flags and notes change nothing
+    kept = plan(load_config(str(write_study(tmp_path, "keep.yaml", keep_checkpoints=True))))
+    assert {s.id: s.digest for s in kept} == before  # keeping checkpoints changes no result
+    assert {s.kind for s in kept if s.argv[-2:] == ["--keep_checkpoints", "True"]} == {"finetune", "transfer"}  # the training steps, no other
+    assert not any("--keep_checkpoints" in s.argv for s in plan(load_config(str(write_study(tmp_path, "default.yaml")))))
     lr = digests(transfer=study_config(tmp_path)["transfer"] | {"learning_rate": 1e-3})
     assert {k for k in before if lr[k] != before[k]} == {"seed-0/transfer/en-ca/sparsity-0.80", "seed-1/transfer/en-ca/sparsity-0.80"}
     ft = digests(finetune=study_config(tmp_path)["finetune"] | {"num_train_epochs": 2})
@@ -208,6 +212,30 @@ def test_killed_grid_resumes_without_redoing_steps(finished_study):
     again = grid(path, timeout=120)
     assert "ran 0 step(s), skipped 9" in again.stdout
     assert files_containing(study, GRID_SECRET) == [] and GRID_SECRET not in again.stdout + again.stderr
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_finished_steps_leave_no_checkpoints_and_the_dry_run_footprint_matches_them(finished_study):
+    """Every training step of the killed-and-resumed study removed its checkpoints once it had
+    succeeded; the footprint --dry_run prints is within 10% of what the finished study holds, per
+    kind of step that writes weights and in total."""
+    path, _, _ = finished_study
+    study = path.parent / "study"
+    assert not list(study.rglob("checkpoint-*"))
+    dry = grid(path, "--dry_run", timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    printed = dict(re.findall(r"^#   (\w+) .* (\d[\d.]* [kMG]?B)$", dry.stdout, re.M))
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    estimate = {kind: float(text.split()[0]) * scale[text.split()[1]] for kind, text in printed.items()}
+    steps = plan(load_config(str(path)))
+    measured = {kind: sum(du(s.output) for s in steps if s.kind == kind) for kind in ("init", "finetune", "prune", "transfer")}
+    assert set(estimate) == set(measured) | {"total"}, printed
+    for kind, size in measured.items():
+        assert abs(estimate[kind] - size) <= 0.1 * size, (kind, estimate[kind], size)
+    assert abs(estimate["total"] - du(study)) <= 0.1 * du(study), (estimate["total"], du(study))
 
 
 def report_files(study: Path) -> dict[str, bytes]:

@@ -152,7 +152,7 @@ def pretrained(corpus_dir, tmp_path_factory):
     for code in ("en", "ca"):
         (data / code).symlink_to(corpus_dir / code)
     common = ["--model_name_or_path", str(TINY_CONFIG), "--mixture", "en=0.75", "ca=0.25", "--total_clips", "160", "--eval_clips", "16",
-              "--data_dir", str(data / "{language}"), "--num_train_epochs", "3", "--save_total_limit", "5", *SSL]
+              "--data_dir", str(data / "{language}"), "--num_train_epochs", "3", "--save_total_limit", "5", "--keep_checkpoints", "True", *SSL]
     full, resumed = tmp / "A", tmp / "B"
     result = run_script([*common, "--output_dir", str(full)], env, "run_pretrain.py")
     assert result.returncode == 0, result.stderr[-3000:]

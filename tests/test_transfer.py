@@ -48,7 +48,7 @@ def test_cross_language_freezes_first_epoch_and_holds_mask(tickets, corpus_dir, 
     ticket = tickets / "tickets" / "en" / "sparsity-0.80"
     result = run("run_transfer.py", ["--upstream", "en", "--downstream", "ca", "--sparsity", "0.8", "--tickets_dir", str(tickets / "tickets"),
                                      "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(out), "--freeze_epochs", "1", "--train_epochs", "1",
-                                     "--gradient_accumulation_steps", "2", "--bf16", "--save_total_limit", "5", *TRAIN])
+                                     "--gradient_accumulation_steps", "2", "--bf16", "--save_total_limit", "5", "--keep_checkpoints", "True", *TRAIN])
     assert result.returncode == 0, result.stderr[-3000:]
     mask = Mask.load(ticket).bools()  # read independently of the training run
     start = load_file(ticket / "model.safetensors")
@@ -94,7 +94,7 @@ def test_cross_language_freezes_first_epoch_and_holds_mask(tickets, corpus_dir, 
 def test_same_language_skips_freezing_and_keeps_the_head(tickets, corpus_dir, tmp_path):
     out = tmp_path / "en-en"
     result = run("run_transfer.py", ["--upstream", "en", "--downstream", "en", "--sparsity", "0.5", "--tickets_dir", str(tickets / "tickets"),
-                                     "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out), "--train_epochs", "1", *TRAIN])
+                                     "--data_dir", str(corpus_dir / "en"), "--output_dir", str(out), "--train_epochs", "1", "--keep_checkpoints", "True", *TRAIN])
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["freeze_epochs"] == 0 and results["frozen_in_epochs"] == [] and results["new_head"] is False
@@ -169,7 +169,7 @@ def test_resume_after_kill(tickets, corpus_dir, tmp_path):
     args = [sys.executable, str(ROOT / "run_transfer.py"), "--upstream", "en", "--downstream", "ca", "--sparsity", "0.8",
             "--tickets_dir", str(tickets / "tickets"), "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(out),
             "--freeze_epochs", "1", "--train_epochs", "2", "--save_strategy", "steps", "--save_steps", "10",
-            "--eval_strategy", "steps", "--eval_steps", "10", "--save_total_limit", "20", *TRAIN]
+            "--eval_strategy", "steps", "--eval_steps", "10", "--save_total_limit", "20", "--keep_checkpoints", "True", *TRAIN]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300

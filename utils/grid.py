@@ -35,16 +35,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from .data import GENERATED_CORPUS_DIR, fill_language
+from .arguments import GENERATED_CORPUS_DIR, fill_language
 from .errors import MissingInput, UsageError
-from .executors import LIVE_STATES, TRAINING_KINDS, JobSpec, read_record, Resources, launch_command, parse_resources, parse_slurm
+from .executors import LIVE_STATES, TRAINING_KINDS, JobSpec, Resources, launch_command, parse_resources, parse_slurm, read_record
 from .languages import resolve_language
-from .layout import IOU_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, sparsity_dirname
-from .masks import MASK_FILE, check_sparsity
+from .layout import IOU_FILE, MASK_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, has_local_config_only, sparsity_dirname
 from .mixture import parse_mixture
-from .model import has_local_config_only
 from .records import IoUSummary, StepRecord, StudyResults, TransferResult
 from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
+from .structure import check_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +86,7 @@ class StudyConfig:
     resources: dict[str, Any] = field(default_factory=dict)  # step kind -> Resources (see utils.executors)
     slurm: dict[str, Any] = field(default_factory=dict)  # partition, account, qos, constraint, additional
     note: Optional[str] = None
+    keep_checkpoints: bool = False  # training steps keep their Trainer checkpoints after succeeding (removed by default)
 
     def resources_of(self, kind: str) -> Resources:
         return self.resources.get(kind, Resources())
@@ -322,15 +322,18 @@ class _Planner:
     """Collects steps in dependency order and gives each its identity (own settings that can
     change its result + the digests of the steps it needs)."""
 
-    def __init__(self):
+    def __init__(self, keep_checkpoints: bool = False):
         self.steps: list[Step] = []
         self.by_id: dict[str, Step] = {}
+        self.keep_checkpoints = keep_checkpoints
 
     def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str], launch_len: int = 1,
             shared: bool = False) -> Step:
         if id in self.by_id:  # a step every seed shares (the base with shared_base): planned once
             return self.by_id[id]
         needs = [n for n in needs if n in self.by_id]
+        if self.keep_checkpoints and kind in TRAINING_KINDS:  # a runtime flag: not part of the identity
+            argv = [*argv, "--keep_checkpoints", "True"]
         identity = {
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME_FIELDS},
             "needs": {n: self.by_id[n].digest for n in needs},
@@ -350,7 +353,7 @@ def plan(config: StudyConfig) -> list[Step]:
     out = Path(config.output_dir)
     python = [sys.executable]
     launch = {kind: launch_command(config.launcher, config.resources_of(kind)) for kind in TRAINING_KINDS}
-    p = _Planner()
+    p = _Planner(config.keep_checkpoints)
     corpus = Path(config.data.get("generated_corpus_dir", GENERATED_CORPUS_DIR)).expanduser()
     sizes = {"num_train": config.data.get("generated_num_train", 2000), "num_eval": config.data.get("generated_num_eval", 200)}
     data_steps: list[str] = []

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
 from .preemption import MidEpochResumeMixin
-from .training import SuiteCardMixin, WholeCheckpointsMixin
+from .training import SuiteCardMixin, WholeCheckpointsMixin, keep_checkpoints_field
 
 SSL_MEASURES = ("contrastive_loss", "diversity_loss", "codevector_perplexity", "contrastive_accuracy")
 
@@ -42,6 +42,7 @@ class PretrainingArguments(TrainingArguments):
     max_gumbel_temperature: float = field(default=2.0, metadata={"help": "Gumbel softmax temperature at step 0."})
     min_gumbel_temperature: float = field(default=0.5, metadata={"help": "Floor of the Gumbel softmax temperature."})
     gumbel_temperature_decay: float = field(default=0.999995, metadata={"help": "Temperature factor per optimizer update."})
+    keep_checkpoints: bool = keep_checkpoints_field()
 
 
 def gumbel_temperature(args: PretrainingArguments, step: int) -> float:

@@ -38,7 +38,7 @@ CHECKPOINT_DONE_FILE = "trainer_state.json"  # the Trainer writes it last: a che
 RUNTIME_FIELDS = frozenset(
     {
         # where things go, pushes, resuming
-        "output_dir", "tickets_dir", "generated_corpus_dir", "resume_from_checkpoint", "restore_callback_states_from_checkpoint",
+        "output_dir", "tickets_dir", "generated_corpus_dir", "resume_from_checkpoint", "restore_callback_states_from_checkpoint", "keep_checkpoints",
         "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
         "hub_mask_repo_id", "compress", "save_total_limit", "save_only_model", "save_on_each_node", "enable_jit_checkpoint",
         # logging and progress
@@ -222,6 +222,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, remove_incomplete: b
             if remove_incomplete:
                 shutil.rmtree(checkpoint, ignore_errors=True)
     return None
+
+
+def remove_checkpoints(output_dir: str | os.PathLike) -> tuple[int, int]:
+    """Remove the Trainer checkpoints of a run that has succeeded; ``(count, bytes)`` freed."""
+    folders = [p for p in Path(output_dir).iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+    for folder in folders:
+        shutil.rmtree(folder)
+    return len(folders), size
 
 
 def claim_output_dir(output_dir: str, signature: dict[str, Any], is_main_process: bool = True) -> Optional[str]:

@@ -20,14 +20,21 @@ from torch.utils.data import SequentialSampler
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from . import __version__
+from .errors import OutputConflict
 from .hub import CardEvaluation, finish_trainer_card, is_hub_id, source_license
 from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
 from .layout import TRAINER_RESULTS_FILE
 from .preemption import MidEpochResumeMixin, train_until_stopped
-from .runs import write_json_atomic
+from .runs import remove_checkpoints, write_json_atomic
 from .structure import Family
 
 logger = logging.getLogger(__name__)
+
+
+def keep_checkpoints_field():
+    """``--keep_checkpoints``, shared by the training scripts' arguments."""
+    return field(default=False, metadata={"help": "Keep the Trainer checkpoints (weights, optimizer and scheduler states) after the run has "
+                                                  "succeeded. By default they are removed then; a killed or failed run keeps them to resume."})
 
 
 @dataclass
@@ -45,6 +52,7 @@ class CTCTrainingArguments(TrainingArguments):
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
     train_sampling_strategy: str = field(default="group_by_length", metadata={"help": "random, sequential, group_by_length, ..."})
     length_column_name: str = field(default="input_length", metadata={"help": "Precomputed lengths for length grouping."})
+    keep_checkpoints: bool = keep_checkpoints_field()
 
 
 class WholeCheckpointsMixin:
@@ -195,6 +203,14 @@ class FreezeEncoderCallback(TrainerCallback):
         logger.info("epoch %d: encoder %s", epoch + 1, "frozen, training the CTC head only" if frozen else "trainable")
 
 
+def refuse_finished_run(args: TrainingArguments, last_checkpoint: Optional[str]) -> None:
+    """Training again into a finished run's folder, whose checkpoints are gone, would overwrite its
+    results from scratch (and leave them torn if killed): refused in one line instead."""
+    if last_checkpoint is None and os.path.exists(os.path.join(args.output_dir, TRAINER_RESULTS_FILE)):
+        raise OutputConflict(f"output_dir {args.output_dir!r} holds a finished run whose checkpoints were removed (--keep_checkpoints keeps them): "
+                             "nothing to resume; choose another --output_dir, or remove it to train again")
+
+
 def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str]) -> dict[str, float]:
     """Train (resuming from ``--resume_from_checkpoint`` or this run's last checkpoint; a stop signal
     saves and exits, see ``utils.preemption``), save the kept model, then evaluate it on validation
@@ -202,6 +218,7 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
     args = trainer.args
     results: dict[str, float] = {}
     if args.do_train:
+        refuse_finished_run(args, last_checkpoint)
         startup = time.time() - psutil.Process().create_time()
         logger.info("ready to train %.1f s after the process started (loading, features, model)", startup)
         train_result = train_until_stopped(trainer, args.resume_from_checkpoint or last_checkpoint)
@@ -220,6 +237,17 @@ def train_and_evaluate(trainer: Trainer, splits, last_checkpoint: Optional[str])
         path = os.path.join(args.output_dir, TRAINER_RESULTS_FILE)
         write_json_atomic(path, json.loads(Path(path).read_text(encoding="utf-8")) | {"suite_version": __version__})
     return results
+
+
+def remove_checkpoints_after_success(trainer: Trainer) -> None:
+    """The run has succeeded and written everything later steps and readers use (model, processor,
+    results, predictions, trainer state): its checkpoints are only for resuming, and at the XLS-R
+    300M shape hold about 3.6 GB each (weights and AdamW states). Removed unless ``--keep_checkpoints``."""
+    if trainer.args.keep_checkpoints or not trainer.is_world_process_zero():
+        return
+    count, size = remove_checkpoints(trainer.args.output_dir)
+    if count:
+        logger.info("run finished: removed its %d checkpoint(s), %.1f MB (--keep_checkpoints keeps them)", count, size / 1e6)
 
 
 def write_card_or_push(trainer: Trainer, local_name: str, evaluation: Optional[CardEvaluation], source: str, source_revision: str = "main",
