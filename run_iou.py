@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
+# Masks are compared with numpy and safetensors alone: neither torch nor transformers' models load.
 from utils import __version__
 from utils.arguments import parse_arguments
 from utils.errors import UsageError
@@ -27,7 +27,6 @@ from utils.iou import iou_matrix, iou_tables, random_iou
 from utils.layout import IOU_FILE
 from utils.masks import Mask
 from utils.records import IoUSummary
-from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic
 from utils.runs import claim_output_dir, run_cli, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -66,6 +65,8 @@ def main():
     logger.info("IoU of %d masks (%d pairs) in %.2f s", len(masks), len(overall), time.perf_counter() - start)
 
     # 3. Tables: pairs, per layer / module type, and one JSON holding everything.
+    from utils.report import plot_iou_heatmap, plot_layer_iou, write_csv_atomic  # matplotlib, once there is something to draw
+
     out = Path(args.output_dir)
     write_csv_atomic(out / "iou.csv", overall, PAIR_COLUMNS)
     write_csv_atomic(out / "iou_layers.csv", detail, ["a", "b", "group_kind", "group"] + PAIR_COLUMNS[2:])

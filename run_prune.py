@@ -21,20 +21,15 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from transformers import AutoConfig, AutoModelForCTC, AutoProcessor, TrainingArguments
-
-from utils.arguments import PruneArguments, parse_arguments
-from utils.data import DataArguments, dataset_reference, load_raw_splits, normalize_splits
+# Only what reads and checks the command line is imported up front: --help and a bad flag answer
+# before torch and transformers load (the steps below import them).
+from utils.arguments import DataArguments, PruneArguments, parse_arguments
 from utils.errors import UsageError
-from utils.features import DataCollatorCTCWithPadding, vectorize_splits
-from utils.hub import CardEvaluation, check_repo_id, mask_path_in_repo, push_mask, push_ticket, write_ticket_card
+from utils.hub_client import check_repo_id
 from utils.languages import resolve_language
-from utils.layout import sparsity_dirname
-from utils.masks import MASK_FILE, PRUNE_METHODS, PRUNE_SCOPES, Mask, check_sparsity
-from utils.model import require_model
+from utils.layout import MASK_FILE, sparsity_dirname
 from utils.runs import run_cli, setup_logging
-from utils.tickets import PruneSpec, build_tickets, ticket_dirs
-from utils.training import CTCTrainer
+from utils.structure import PRUNE_METHODS, PRUNE_SCOPES, check_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +73,12 @@ def main():
         raise UsageError(f"--evaluate_on needs a language ticket: --language {language or '(none)'} has no transcripts to score "
                          "(the pretrained base model has no CTC head)")
 
-    # 2. Claim each ticket directory (new, or holding this same ticket), load the source once,
-    #    compute every mask in one pass over its weights, and write the tickets.
+    # 2. Claim each ticket directory (new, or holding this same ticket), plan every mask in one pass
+    #    over the source's weights (read from its safetensors files), and write the tickets.
+    from utils.masks import Mask
+    from utils.model import require_model
+    from utils.tickets import PruneSpec, build_tickets, ticket_dirs
+
     require_model(args.model_name_or_path, args.model_revision)
     spec = PruneSpec(scope=args.prune_scope, method=args.method, layerwise=args.layerwise, seed=args.seed)
     targets = ticket_dirs(args.output_dir, args.sparsity)
@@ -89,6 +88,13 @@ def main():
     # 3. With --evaluate_on: score each ticket as pruned (greedy CTC, per-utterance rows beside it)
     #    and put the score in its card's model-index.
     if args.evaluate_on:
+        from transformers import AutoConfig, AutoModelForCTC, AutoProcessor, TrainingArguments
+
+        from utils.data import dataset_reference, load_raw_splits, normalize_splits
+        from utils.features import DataCollatorCTCWithPadding, vectorize_splits
+        from utils.hub import CardEvaluation, write_ticket_card
+        from utils.training import CTCTrainer
+
         spoken = resolve_language(language)
         raw = normalize_splits(load_raw_splits(data_args, spoken, wanted=(args.evaluate_on,)), spoken, data_args.chars_to_ignore)
         prefix = "test" if args.evaluate_on == "test" else "eval"
@@ -105,6 +111,8 @@ def main():
             print(f"ticket sparsity={sparsity:.2f} as pruned: {args.evaluate_on} CER {evaluation.cer:.4f} WER {evaluation.wer:.4f} ({len(split)} utterances)")
 
     # 4. Share: ticket as a model repo, mask into the masks dataset repo with its index row.
+    from utils.hub import mask_path_in_repo, push_mask, push_ticket
+
     for sparsity in args.sparsity:
         out, info = targets[sparsity], infos[sparsity]
         repo = ticket_repo(args, sparsity)

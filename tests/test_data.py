@@ -296,7 +296,8 @@ def test_a_corrupted_archive_is_one_line_and_leaves_nothing(tmp_path, monkeypatc
 def test_features_are_cached_by_fingerprint_and_reused(corpus_dir, tmp_path, monkeypatch, caplog):
     import datasets
 
-    from utils.data import DataArguments, build_processor, load_language_splits
+    from utils.arguments import DataArguments
+    from utils.data import build_processor, load_language_splits
     from utils.features import features_cache_dir, vectorize_splits
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))

@@ -39,3 +39,37 @@ def test_a_model_or_dataset_that_cannot_be_found_is_one_line_and_writes_nothing(
         assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-2000:]
         if "someone/not-a-model" in argv:
             assert not out.exists()  # refused before anything was written
+
+
+HEAVY = ("torch", "transformers.modeling_utils", "datasets", "matplotlib")
+MODULES_AFTER = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("loaded:", *sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["run_prune.py", "--help"],
+    ["run_iou.py", "--help"],
+    ["run_grid.py", "--help"],
+    ["run_grid.py", "--config", "configs/demo.yaml", "--status"],
+])
+def test_the_command_line_answers_without_loading_torch(argv):
+    """--help of the scripts that need no TrainingArguments, and the grid's --status, import
+    neither torch nor transformers' models nor datasets nor matplotlib (checked in a fresh
+    interpreter: nothing else this test process imported counts)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", MODULES_AFTER.format(heavy=HEAVY), *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("loaded:")] == ["loaded:"], result.stderr[-500:]

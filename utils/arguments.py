@@ -1,24 +1,110 @@
-"""Every script's command line in one place: the argument dataclasses each ``run_*.py`` parses (the
-shared ones live with their concept: ``ModelArguments`` in model.py, ``DataArguments`` in data.py,
-``CTCTrainingArguments`` in training.py, ``PretrainingArguments`` in pretraining.py), and
-``SCRIPT_ARGUMENTS``, what the grid validates a study config's sections against without importing
-the scripts. ``parse_arguments`` reads them as the Hugging Face examples do (flags, or one JSON
+"""Every script's command line in one place: the argument dataclasses each ``run_*.py`` parses
+(the subclasses of transformers' ``TrainingArguments`` live with their concept,
+``CTCTrainingArguments`` in training.py and ``PretrainingArguments`` in pretraining.py, since
+importing them imports torch), and ``script_arguments``, what the grid validates a study config's
+sections against without importing the scripts. Nothing here imports torch, transformers or
+datasets, so ``--help`` of run_prune.py and run_iou.py and the grid's config checks answer at once. ``parse_arguments`` reads them as the Hugging Face examples do (flags, or one JSON
 file), a bad flag value ending as a usage error."""
 
 from __future__ import annotations
 
 import os
+import string
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .data import DataArguments
 from .errors import UsageError
-from .masks import PRUNE_SCOPES
-from .model import ModelArguments
-from .pretraining import PretrainingArguments
 from .runs import SECRET_FLAGS, hide_token, redact_argv
-from .training import CTCTrainingArguments
+from .structure import PRUNE_SCOPES
+
+FLEURS_REPO = "google/fleurs"
+GENERATED = "generated"
+GENERATED_CORPUS_DIR = os.path.join("~", ".cache", "language-tickets", "generated-corpus")
+
+
+@dataclass
+class DataArguments:
+    """Where a language's speech comes from and how it is filtered."""
+
+    language: Optional[str] = field(default=None, metadata={"help": "Language code, e.g. en, ca, ast (see utils/languages.py)."})
+    dataset_name: str = field(
+        default=FLEURS_REPO,
+        metadata={
+            "help": "Hub dataset id (google/fleurs is read from its raw files; any Parquet/audiofolder "
+            "dataset works), or 'generated' for the offline espeak-ng corpus. Ignored with --data_dir."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Dataset config; defaults to the language's FLEURS config for FLEURS."}
+    )
+    dataset_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the dataset."})
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local folder with train/ validation/ test/, each holding metadata.csv (file_name,transcription)."},
+    )
+    train_split_name: str = field(default="train", metadata={"help": "Training split of the source."})
+    eval_split_name: Optional[str] = field(
+        default=None, metadata={"help": "Validation split of the source (default: 'dev' for FLEURS, else 'validation')."}
+    )
+    test_split_name: str = field(default="test", metadata={"help": "Test split of the source."})
+    audio_column_name: str = field(default="audio", metadata={"help": "Audio column of a Hub dataset."})
+    text_column_name: str = field(
+        default="transcription",
+        metadata={"help": "Transcript column (FLEURS/local/generated: transcription; Common Voice: sentence)."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation split."})
+    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test split."})
+    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop shorter clips."})
+    max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Drop longer clips."})
+    chars_to_ignore: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra characters deleted from transcripts before normalisation."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for datasets.map."})
+    generated_corpus_dir: str = field(
+        default=GENERATED_CORPUS_DIR,
+        metadata={"help": "Where --dataset_name generated writes (and reuses) its corpus."},
+    )
+    generated_num_train: int = field(default=2000, metadata={"help": "Generated training utterances per language."})
+    generated_num_eval: int = field(default=200, metadata={"help": "Generated validation/test utterances per language."})
+
+
+def fill_language(value: str, code: str, where: str = "value") -> str:
+    """A dataset flag with ``{language}`` replaced by ``code`` (one ``data_dir`` per language, say):
+    the grid's data values and run_pretrain.py's mixture sources. Any other template field, or a
+    lone brace, is refused in one line naming the value."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+    except ValueError as err:
+        raise UsageError(f"{where} {value!r} is not a valid template ({err}): write {{language}} for the language code, "
+                         "{{ and }} for literal braces") from None
+    other = [name for name in names if name != "language"]
+    if other:
+        raise UsageError(f"{where} {value!r} uses the template field {{{other[0]}}}: only {{language}} is filled in "
+                         "(write {{ and }} for literal braces)")
+    return value.format(language=code)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and the config values to override (None keeps the checkpoint's)."""
+
+    model_name_or_path: str = field(
+        default="facebook/wav2vec2-xls-r-300m",
+        metadata={"help": "Hub id or local dir. A local dir with only config.json (+ preprocessor_config.json) starts from random weights."},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    freeze_feature_encoder: bool = field(default=True, metadata={"help": "Keep the conv feature encoder frozen."})
+    attention_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.attention_dropout."})
+    activation_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.activation_dropout."})
+    hidden_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.hidden_dropout."})
+    feat_proj_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.feat_proj_dropout."})
+    final_dropout: Optional[float] = field(default=None, metadata={"help": "Override config.final_dropout."})
+    mask_time_prob: Optional[float] = field(default=None, metadata={"help": "Override config.mask_time_prob (SpecAugment)."})
+    layerdrop: Optional[float] = field(default=None, metadata={"help": "Override config.layerdrop."})
+    ctc_loss_reduction: str = field(default="mean", metadata={"help": "CTC loss reduction: mean or sum."})
+    ctc_zero_infinity: bool = field(default=True, metadata={"help": "Zero infinite CTC losses (unalignable rows)."})
 
 
 @dataclass
@@ -93,20 +179,29 @@ class IoUArguments:
     base: Optional[str] = field(default=None, metadata={"help": "The base model's mask at the same sparsity (labelled 'base')."})
 
 
-SCRIPT_ARGUMENTS: dict[str, tuple[type, ...]] = {
-    "run_finetune.py": (ModelArguments, DataArguments, CTCTrainingArguments),
-    "run_prune.py": (PruneArguments, DataArguments),
-    "run_transfer.py": (TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments),
-    "run_iou.py": (IoUArguments,),
-    "run_pretrain.py": (PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments),
-}
+SCRIPTS = ("run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_pretrain.py")
+
+
+def script_arguments(script: str) -> tuple[type, ...]:
+    """The dataclasses ``script`` parses. The training scripts' include transformers'
+    ``TrainingArguments`` (which imports torch), so they are imported only when asked for."""
+    if script in ("run_finetune.py", "run_transfer.py"):
+        from .training import CTCTrainingArguments
+
+        return (ModelArguments, DataArguments, CTCTrainingArguments) if script == "run_finetune.py" else (
+            TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments)
+    if script == "run_pretrain.py":
+        from .pretraining import PretrainingArguments
+
+        return (PretrainModelArguments, MixtureArguments, DataArguments, PretrainingArguments)
+    return {"run_prune.py": (PruneArguments, DataArguments), "run_iou.py": (IoUArguments,)}[script]
 
 
 def flag_names(script: str) -> set[str]:
     """Every flag ``script`` accepts (without the leading dashes)."""
     from dataclasses import fields
 
-    return {f.name for cls in SCRIPT_ARGUMENTS[script] for f in fields(cls)}
+    return {f.name for cls in script_arguments(script) for f in fields(cls)}
 
 
 def script_parser(script: str, description: Optional[str] = None):
@@ -116,7 +211,7 @@ def script_parser(script: str, description: Optional[str] = None):
 
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(SCRIPT_ARGUMENTS[script], prog=script, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return HfArgumentParser(script_arguments(script), prog=script, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def parse_arguments(script: str, description: Optional[str] = None) -> tuple:

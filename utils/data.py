@@ -15,10 +15,9 @@ import json
 import logging
 import os
 import shutil
-import string
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ from datasets import Audio, Dataset, DatasetDict, load_dataset
 from huggingface_hub import hf_hub_download
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
+from .arguments import FLEURS_REPO, GENERATED, DataArguments
 from .errors import MissingInput, UsageError, is_disk_full
 from .languages import Language
 from .runs import atomic_open, replace_dir_atomic
@@ -33,73 +33,7 @@ from .text import PAD, SAMPLING_RATE, UNK, WORD_DELIMITER, build_vocab, normaliz
 
 logger = logging.getLogger(__name__)
 
-FLEURS_REPO = "google/fleurs"
-GENERATED = "generated"
-GENERATED_CORPUS_DIR = os.path.join("~", ".cache", "language-tickets", "generated-corpus")
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class DataArguments:
-    """Where a language's speech comes from and how it is filtered."""
-
-    language: Optional[str] = field(default=None, metadata={"help": "Language code, e.g. en, ca, ast (see utils/languages.py)."})
-    dataset_name: str = field(
-        default=FLEURS_REPO,
-        metadata={
-            "help": "Hub dataset id (google/fleurs is read from its raw files; any Parquet/audiofolder "
-            "dataset works), or 'generated' for the offline espeak-ng corpus. Ignored with --data_dir."
-        },
-    )
-    dataset_config_name: Optional[str] = field(
-        default=None, metadata={"help": "Dataset config; defaults to the language's FLEURS config for FLEURS."}
-    )
-    dataset_revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the dataset."})
-    data_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "Local folder with train/ validation/ test/, each holding metadata.csv (file_name,transcription)."},
-    )
-    train_split_name: str = field(default="train", metadata={"help": "Training split of the source."})
-    eval_split_name: Optional[str] = field(
-        default=None, metadata={"help": "Validation split of the source (default: 'dev' for FLEURS, else 'validation')."}
-    )
-    test_split_name: str = field(default="test", metadata={"help": "Test split of the source."})
-    audio_column_name: str = field(default="audio", metadata={"help": "Audio column of a Hub dataset."})
-    text_column_name: str = field(
-        default="transcription",
-        metadata={"help": "Transcript column (FLEURS/local/generated: transcription; Common Voice: sentence)."},
-    )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training split."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the validation split."})
-    max_test_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test split."})
-    min_duration_in_seconds: float = field(default=0.0, metadata={"help": "Drop shorter clips."})
-    max_duration_in_seconds: float = field(default=20.0, metadata={"help": "Drop longer clips."})
-    chars_to_ignore: Optional[list[str]] = field(
-        default=None, metadata={"help": "Extra characters deleted from transcripts before normalisation."}
-    )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for datasets.map."})
-    generated_corpus_dir: str = field(
-        default=GENERATED_CORPUS_DIR,
-        metadata={"help": "Where --dataset_name generated writes (and reuses) its corpus."},
-    )
-    generated_num_train: int = field(default=2000, metadata={"help": "Generated training utterances per language."})
-    generated_num_eval: int = field(default=200, metadata={"help": "Generated validation/test utterances per language."})
-
-
-def fill_language(value: str, code: str, where: str = "value") -> str:
-    """A dataset flag with ``{language}`` replaced by ``code`` (one ``data_dir`` per language, say):
-    the grid's data values and run_pretrain.py's mixture sources. Any other template field, or a
-    lone brace, is refused in one line naming the value."""
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
-    except ValueError as err:
-        raise UsageError(f"{where} {value!r} is not a valid template ({err}): write {{language}} for the language code, "
-                         "{{ and }} for literal braces") from None
-    other = [name for name in names if name != "language"]
-    if other:
-        raise UsageError(f"{where} {value!r} uses the template field {{{other[0]}}}: only {{language}} is filled in "
-                         "(write {{ and }} for literal braces)")
-    return value.format(language=code)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from datasets import Audio, Dataset, DatasetDict, Features, List, Value
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-from .data import DataArguments
+from .arguments import DataArguments
 from .errors import UsageError
 from .structure import check_feature_extractor, frames_for_samples, front_end_key, receptive_field
 from .text import SAMPLING_RATE

@@ -10,17 +10,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar, Union
 
 from huggingface_hub import CommitOperationAdd, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RemoteEntryNotFoundError
 
 from . import __version__
-from .data import DatasetReference
-from .errors import UsageError
-from .hub_client import HubError, hub_errors, hub_timeout, invalid_repo_id
+from .hub_client import HubError, hub_errors, hub_timeout
+from .layout import has_local_config_only
+
+if TYPE_CHECKING:  # data.py imports datasets: not needed to write a card
+    from .data import DatasetReference
 from .layout import sparsity_dirname
-from .model import has_local_config_only
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,13 +203,6 @@ masks, meta = read_mask(hf_hub_download("{repo_id}", "masks/en/sparsity-0.80.saf
 
 # ---------------------------------------------------------------------------------------------
 # Pushes
-
-
-def check_repo_id(repo_id: str, flag: str) -> str:
-    """A repo id to push to, checked by huggingface_hub's rules before any work: one line otherwise."""
-    if why := invalid_repo_id(repo_id):
-        raise UsageError(f"{flag} {repo_id!r} is not a valid repo id ({why}): expected ORG/NAME or NAME")
-    return repo_id
 
 
 COMMIT_ATTEMPTS = 3

@@ -145,7 +145,8 @@ def load_mixture_splits(
 
     from datasets import DatasetDict, concatenate_datasets
 
-    from .data import fill_language, load_raw_splits
+    from .arguments import fill_language
+    from .data import load_raw_splits
     from .features import vectorize_splits
     from .text import SAMPLING_RATE
 
