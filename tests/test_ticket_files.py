@@ -62,10 +62,10 @@ def test_ticket_from_files_equals_ticket_from_model(family, tmp_path, caplog):
         spec = PruneSpec(scope=scope, method=method, layerwise=layerwise, seed=3)
         files = {s: tmp_path / f"{method}-{layerwise}" / "files" / f"{s}" for s in (0.5, 0.9)}
         model = {s: tmp_path / f"{method}-{layerwise}" / "model" / f"{s}" for s in (0.5, 0.9)}
+        caplog.clear()
         with caplog.at_level(logging.INFO, logger="utils.tickets"):
             build_tickets(str(source), "main", files, spec, "en")
         assert "from the files of" in caplog.text and "by loading the model" not in caplog.text
-        caplog.clear()
         build_tickets(str(source), "main", model, spec, "en", from_files=False)
         for s in files:
             assert_same_ticket(files[s], model[s])
