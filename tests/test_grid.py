@@ -238,6 +238,24 @@ def test_finished_steps_leave_no_checkpoints_and_the_dry_run_footprint_matches_t
     assert abs(estimate["total"] - du(study)) <= 0.1 * du(study), (estimate["total"], du(study))
 
 
+def test_footprint_sums_each_base_at_its_own_size():
+    """configs/models.yaml: three published bases of different sizes, 3 seeds each (5 fine-tunes,
+    6 prunes, 15 transfers per seed): every kind's total is each base's count times its own size,
+    by hand, and the largest is the largest base's."""
+    from utils.footprint import ModelSize, footprint_lines, study_footprint
+
+    config = load_config(str(ROOT / "configs" / "models.yaml"))
+    gb = {"facebook/wav2vec2-xls-r-300m": 1, "facebook/wav2vec2-xls-r-1b": 2, "facebook/w2v-bert-2.0": 3}
+    rows = {r.kind: r for r in study_footprint(config, plan(config), lambda ref: ModelSize(gb[ref] * 10**9, 0, 8 * 10**6))}
+    assert set(rows) == {"finetune", "prune", "transfer"}
+    assert (rows["finetune"].steps, rows["finetune"].kept, rows["finetune"].largest) == (45, 15 * 6 * 10**9, 3 * 10**9)
+    assert (rows["prune"].steps, rows["prune"].kept) == (54, 18 * 6 * 10**9 + 54 * 10**6)  # each ticket: its model and a bit per prunable weight
+    assert rows["transfer"].kept == 45 * 6 * 10**9 and rows["transfer"].checkpoints == 2 * 3 * rows["transfer"].kept  # 2 kept, 3x the weights each
+    assert rows["transfer"].running == 3 * 3 * 3 * 10**9  # the largest base's: 2 kept and 1 being saved
+    lines = footprint_lines(list(rows.values()), keep_checkpoints=False)
+    assert lines[-2].split()[-2:] == ["468", "GB"]  # 90 + 108.054 + 270 GB
+
+
 def report_files(study: Path) -> dict[str, bytes]:
     """Every file the report step writes (and any temporary left beside them)."""
     files = [study / "REPORT.md", study / "results.csv", *study.glob(".*.tmp-*"), *(study / "figures").iterdir()]

@@ -17,7 +17,6 @@ from typing import Callable
 from .grid import Step, StudyConfig, sub_studies
 
 CHECKPOINT_FACTOR = 3  # weights + AdamW's exp_avg and exp_avg_sq, each the size of the weights
-DEFAULT_SAVE_TOTAL_LIMIT = 2  # CTCTrainingArguments / PretrainingArguments
 KINDS = ("init", "pretrain", "finetune", "prune", "transfer")  # the kinds that write weights
 
 
@@ -54,16 +53,18 @@ def model_size(reference: str, revision: str = "main") -> ModelSize:
 class KindFootprint:
     kind: str
     steps: int
-    each: int  # bytes a finished step of this kind keeps
-    checkpoint: int  # bytes of one of its checkpoints (0: not a training step)
-    checkpoints: int  # how many it keeps while training (save_total_limit)
+    kept: int  # bytes the finished steps of this kind keep, all together
+    largest: int  # bytes the largest of them keeps
+    checkpoints: int  # bytes of the checkpoints they would keep besides (save_total_limit each), all together
+    largest_with_checkpoints: int  # bytes the largest of them keeps with its checkpoints
+    running: int  # bytes of checkpoints the largest of them holds while it runs (save_total_limit + 1 while saving)
 
 
 def study_footprint(config: StudyConfig, steps: list[Step], size_of: Callable[[str], ModelSize]) -> list[KindFootprint]:
     """Per step kind that writes weights: how many steps, what each keeps, its checkpoints."""
     models = {prefix: (config.bases.get(name, {}).get("model") if name else None) or config.model for name, _, prefix in sub_studies(config)}
     sizes = {reference: size_of(reference) for reference in set(models.values())}
-    found: dict[str, list[tuple[int, int, int]]] = {}
+    found: dict[str, list[tuple[int, int, int]]] = {}  # kind -> (bytes kept, bytes of one checkpoint, checkpoints kept) per step
     for step in steps:
         if step.kind not in KINDS:
             continue
@@ -73,10 +74,21 @@ def study_footprint(config: StudyConfig, steps: list[Step], size_of: Callable[[s
         weights = size.pretraining_bytes if pretraining else size.ctc_bytes
         each = weights + (math.ceil(size.prunable / 8) if step.kind == "prune" else 0)
         training = step.kind in ("pretrain", "finetune", "transfer")
-        limit = int(step.settings.get("save_total_limit") or DEFAULT_SAVE_TOTAL_LIMIT) if training else 0
+        limit = int(step.settings.get("save_total_limit") or _default_save_total_limit(pretraining)) if training else 0
         found.setdefault(step.kind, []).append((each, CHECKPOINT_FACTOR * weights if training else 0, limit))
-    return [KindFootprint(kind, len(rows), max(r[0] for r in rows), max(r[1] for r in rows), max(r[2] for r in rows))
-            for kind in KINDS if (rows := found.get(kind))]
+    return [KindFootprint(kind, len(rows), sum(r[0] for r in rows), max(r[0] for r in rows), sum(r[1] * r[2] for r in rows),
+                          max(r[0] + r[1] * r[2] for r in rows), max(r[1] * (r[2] + 1) for r in rows)) for kind in KINDS if (rows := found.get(kind))]
+
+
+def _default_save_total_limit(pretraining: bool) -> int:
+    """The checkpoints a training script keeps unless told otherwise (its arguments' default)."""
+    from dataclasses import fields
+
+    if pretraining:
+        from .pretraining import PretrainingArguments as arguments
+    else:
+        from .training import CTCTrainingArguments as arguments
+    return next(f.default for f in fields(arguments) if f.name == "save_total_limit")
 
 
 def human(size: float) -> str:
@@ -91,21 +103,17 @@ def footprint_lines(rows: list[KindFootprint], keep_checkpoints: bool) -> list[s
     """The table ``run_grid.py --dry_run`` prints (each line a comment of the shell script it prints)."""
     lines = ["# disk footprint of the whole study (weights in float32, from the model's config; the data and feature caches under",
              "# ~/.cache and a few kB of tables, cards and logs per step are not counted):",
-             f"#   {'kind':10} {'steps':>5} {'each':>9} {'total':>9}"]
-    total = kept = 0
+             f"#   {'kind':10} {'steps':>5} {'largest':>9} {'total':>9}"]
     for row in rows:
-        each = row.each + (row.checkpoints * row.checkpoint if keep_checkpoints else 0)
-        lines.append(f"#   {row.kind:10} {row.steps:5d} {human(each):>9} {human(row.steps * each):>9}")
-        total += row.steps * each
-        kept += row.steps * (row.each + row.checkpoints * row.checkpoint)
-    lines.append(f"#   {'total':10} {'':5} {'':9} {human(total):>9}")
-    training = [row for row in rows if row.checkpoint]
-    if training:
-        biggest = max(training, key=lambda row: row.checkpoint * row.checkpoints)
-        if keep_checkpoints:
-            lines.append("# keep_checkpoints: true: every training step keeps its checkpoints (the totals above include them)")
-        else:
-            lines.append(f"# while it runs, a training step also holds up to {biggest.checkpoints + 1} checkpoints of {human(biggest.checkpoint)} "
-                         f"(weights and AdamW states), removed once it succeeds; keep_checkpoints: true would make the total {human(kept)}")
+        kept = row.kept + (row.checkpoints if keep_checkpoints else 0)
+        largest = row.largest_with_checkpoints if keep_checkpoints else row.largest
+        lines.append(f"#   {row.kind:10} {row.steps:5d} {human(largest):>9} {human(kept):>9}")
+    total, with_checkpoints = sum(row.kept for row in rows), sum(row.kept + row.checkpoints for row in rows)
+    lines.append(f"#   {'total':10} {'':5} {'':9} {human(with_checkpoints if keep_checkpoints else total):>9}")
+    running = max((row.running for row in rows), default=0)
+    if keep_checkpoints:
+        lines.append("# keep_checkpoints: true: every training step keeps its checkpoints (included above)")
+    elif running:
+        lines.append(f"# while it runs, a training step also holds up to {human(running)} of checkpoints (weights and AdamW states), removed once "
+                     f"it succeeds; keep_checkpoints: true would make the total {human(with_checkpoints)}")
     return lines
-
