@@ -31,12 +31,11 @@ SHAPES = {  # published sizes; the scope (which tensors) comes from utils.struct
 }
 
 
-def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
+def random_model(shape: str, device: str = "cpu"):
+    """A CTC model of a published shape with seeded N(0, 0.02) weights, allocated once (built on
+    the meta device first)."""
     import torch
     from transformers import AutoConfig, AutoModelForCTC
-
-    sys.path.insert(0, str(ROOT))
-    from utils.pruning import apply_mask, compute_masks, prunable_parameters
 
     sizes = dict(SHAPES[shape])
     config = AutoConfig.for_model(sizes.pop("model_type"), vocab_size=32, **sizes)
@@ -47,6 +46,16 @@ def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=generator)
+    return model
+
+
+def worker(shape: str, method: str, sparsity: float, device: str) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from utils.pruning import apply_mask, compute_masks, prunable_parameters
+
+    model = random_model(shape, device)
     params = prunable_parameters(model)
     n = sum(p.numel() for p in params.values())
     if device == "cuda":

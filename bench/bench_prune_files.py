@@ -29,20 +29,11 @@ TORCH_PRUNE_FITS = {"300m"}  # it needs ~16.5 GB at 300M; 1B would need ~55 GB
 MODEL_PATH_FITS = {"300m", "1b"}  # loading the 2B model, its masks and scores would take most of a 24 GiB machine
 
 MAKE = """
-import sys, torch
-from transformers import AutoConfig, AutoModelForCTC, Wav2Vec2FeatureExtractor
+import sys
+from transformers import Wav2Vec2FeatureExtractor
 sys.path.insert(0, {bench!r})
-from bench_prune import SHAPES
-sizes = dict(SHAPES[{shape!r}])
-config = AutoConfig.for_model(sizes.pop("model_type"), vocab_size=32, **sizes)
-with torch.device("meta"):
-    model = AutoModelForCTC.from_config(config)
-model.to_empty(device="cpu")
-generator = torch.Generator().manual_seed(0)
-with torch.no_grad():
-    for p in model.parameters():
-        p.normal_(0, 0.02, generator=generator)
-model.save_pretrained({out!r})
+from bench_prune import random_model
+random_model({shape!r}).save_pretrained({out!r})
 Wav2Vec2FeatureExtractor().save_pretrained({out!r})
 """
 

@@ -2,9 +2,9 @@
 (the subclasses of transformers' ``TrainingArguments`` live with their concept,
 ``CTCTrainingArguments`` in training.py and ``PretrainingArguments`` in pretraining.py, since
 importing them imports torch), and ``script_arguments``, what the grid validates a study config's
-sections against without importing the scripts. Nothing here imports torch, transformers or
-datasets, so ``--help`` of run_prune.py and run_iou.py and the grid's config checks answer at once. ``parse_arguments`` reads them as the Hugging Face examples do (flags, or one JSON
-file), a bad flag value ending as a usage error."""
+sections against without importing the scripts. Nothing here imports torch or datasets, so
+``--help`` of run_prune.py and run_iou.py answers at once. ``parse_arguments`` reads them as the
+Hugging Face examples do (flags, or one JSON file), a bad flag value ending as a usage error."""
 
 from __future__ import annotations
 
@@ -188,8 +188,8 @@ def script_arguments(script: str) -> tuple[type, ...]:
     if script in ("run_finetune.py", "run_transfer.py"):
         from .training import CTCTrainingArguments
 
-        return (ModelArguments, DataArguments, CTCTrainingArguments) if script == "run_finetune.py" else (
-            TransferArguments, ModelArguments, DataArguments, CTCTrainingArguments)
+        transfer = (TransferArguments,) if script == "run_transfer.py" else ()
+        return (*transfer, ModelArguments, DataArguments, CTCTrainingArguments)
     if script == "run_pretrain.py":
         from .pretraining import PretrainingArguments
 

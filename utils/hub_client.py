@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import UsageError
@@ -116,17 +117,17 @@ def check_repo_id(repo_id: str, flag: str) -> str:
     return repo_id
 
 
-def checkpoint_file(source: str, revision: str, filename: str) -> Optional[str]:
+def checkpoint_file(source: str, revision: str, filename: str) -> Optional[Path]:
     """A file of a model: in its local folder, or downloaded (and cached) from its Hub repo; None
     when the folder or repo has no such file."""
     if os.path.isdir(source):
-        path = os.path.join(source, filename)
-        return path if os.path.isfile(path) else None
+        path = Path(source) / filename
+        return path if path.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return hf_hub_download(source, filename, revision=revision)
+        return Path(hf_hub_download(source, filename, revision=revision))
     except EntryNotFoundError:  # remote 404, or (offline) not in the cache
         return None
 
@@ -137,4 +138,4 @@ def resolved_commit(source: str, revision: str) -> Optional[str]:
     if os.path.isdir(source):
         return None
     config = checkpoint_file(source, revision, "config.json")
-    return os.path.basename(os.path.dirname(config)) if config else None
+    return config.parent.name if config else None

@@ -24,13 +24,9 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 from safetensors import safe_open
 from safetensors.numpy import save
 
@@ -38,6 +34,9 @@ from .errors import MissingInput, UsageError
 from .hub_client import hub_errors, invalid_repo_id
 from .layout import MASK_FILE
 from .runs import atomic_open
+
+if TYPE_CHECKING:  # torch is imported only where a mask meets a model (unpack)
+    import torch
 
 MASK_FORMAT = "language-tickets-mask"
 MASK_FORMAT_VERSION = 1

@@ -100,4 +100,4 @@ def checkpoint_vocab(path_or_repo: str, revision: str = "main") -> Optional[dict
         path = checkpoint_file(path_or_repo, revision, "vocab.json")
     except Exception:  # offline, or the Hub out of reach: no vocabulary to compare
         return None
-    return json.loads(open(path, encoding="utf-8").read()) if path else None  # base models have none
+    return json.loads(path.read_text(encoding="utf-8")) if path else None  # base models have none

@@ -99,7 +99,8 @@ class Cut:
     quota: int = 0
 
 
-KEEP_ALL, PRUNE_ALL = Cut(-math.inf), Cut(math.inf)
+KEEP_ALL = Cut(-math.inf)
+PRUNE_ALL = Cut(math.nan)  # no score is >= NaN: every weight pruned, an infinite one too
 
 
 def find_thresholds(

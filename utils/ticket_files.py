@@ -33,11 +33,6 @@ SHARD_BYTES = 256 * 2**20  # the most weight bytes held at once while a ticket i
 _SHARD_PATTERN = SAFETENSORS_SINGLE_FILE.replace(".safetensors", "{suffix}.safetensors")  # model-00001-of-00005.safetensors
 
 
-def _local(source: str, revision: str, filename: str) -> Optional[Path]:
-    found = checkpoint_file(source, revision, filename)
-    return Path(found) if found else None
-
-
 @dataclass(frozen=True)
 class StoredTensor:
     """One tensor of a safetensors file, read when asked (``masks.as_tensor`` knows ``load``)."""
@@ -79,12 +74,12 @@ class CheckpointFiles:
         written_by = str(getattr(config, "transformers_version", "") or "0")
         if int(written_by.split(".")[0]) < 5:
             return None, f"transformers {written_by} wrote it, and loading renames some of its tensors"
-        index = _local(source, revision, SAFETENSORS_INDEX_FILE)
+        index = checkpoint_file(source, revision, SAFETENSORS_INDEX_FILE)
         if index is not None:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            paths = {file: _local(source, revision, file) for file in sorted(set(weight_map.values()))}
+            paths = {file: checkpoint_file(source, revision, file) for file in sorted(set(weight_map.values()))}
         else:
-            single = _local(source, revision, SAFETENSORS_SINGLE_FILE)
+            single = checkpoint_file(source, revision, SAFETENSORS_SINGLE_FILE)
             if single is None:
                 return None, "it holds no safetensors weights (a pytorch_model.bin checkpoint?)"
             paths = {SAFETENSORS_SINGLE_FILE: single}
