@@ -14,7 +14,6 @@ Writes ``results.json``, one self-describing row of the study's grid, and the pe
 test transcripts it was scored from, ``predictions_test.jsonl``.
 """
 
-import hashlib
 import logging
 import sys
 import time
@@ -36,7 +35,7 @@ from utils.languages import resolve_language
 from utils.layout import MASK_FILE, RESULTS_FILE, sparsity_dirname
 from utils.masks import Mask
 from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
-from utils.pruning import apply_mask, check_mask_fits
+from utils.pruning import apply_mask, check_mask_fits, weights_digest
 from utils.records import TransferResult
 from utils.runs import claim_output_dir, run_cli, run_signature, setup_logging
 from utils.structure import PRUNE_SCOPES, architecture_differences, check_sparsity, family_of
@@ -54,14 +53,6 @@ def fetch_ticket(reference: str) -> Path:
         return Path(snapshot_download(reference))
     except HFValidationError:
         raise MissingInput(f"ticket {reference!r} is neither a directory nor a Hub repo id: expected a ticket directory or ORG/NAME") from None
-
-
-def weights_digest(model: torch.nn.Module, names) -> str:
-    params = dict(model.named_parameters())
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(params[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def main():

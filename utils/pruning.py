@@ -15,6 +15,7 @@ tensors of a model or tensors still in a checkpoint's files (``utils.ticket_file
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -131,27 +132,42 @@ def find_thresholds(
             lo = sample[lo_i].item() if lo_i >= 0 else -math.inf
             hi = sample[hi_i].item() if hi_i < m else math.inf
             brackets[j] = (lo, hi)
+        # Per bracket: the scores below it are counted; those strictly inside are collected; those
+        # equal to either end are only counted, per tensor, so a score shared by most weights (the
+        # zeros of a pruned model, say) is never copied.
         below = {j: 0 for j in pending}
         inside: dict[int, list[torch.Tensor]] = {j: [] for j in pending}
+        at_lo: dict[int, list[int]] = {j: [] for j in pending}
+        at_hi: dict[int, list[int]] = {j: [] for j in pending}
         for index, weight in enumerate(weights):
             s = scores(index, weight).reshape(-1)
             for j, (lo, hi) in brackets.items():
                 below[j] += int(torch.count_nonzero(s < lo))  # count_nonzero: a bool sum widens to int64 first
-                inside[j].append(s[(s >= lo) & (s <= hi)])
+                inside[j].append(s[(s > lo) & (s < hi)])
+                at_lo[j].append(int(torch.count_nonzero(s == lo)))
+                at_hi[j].append(int(torch.count_nonzero(s == hi)) if hi != lo else 0)
         for j in pending:
-            values = torch.cat(inside[j])
-            rank = counts[j] - below[j]  # 1-based rank of the threshold inside the bracket
-            if 1 <= rank <= values.numel():
-                value = torch.sort(values).values[rank - 1].item()
-                ties_left = counts[j] - below[j] - int((values < value).sum())
-                cuts = []
-                for tensor_values in inside[j]:  # the tie rule: earlier tensors' ties are pruned first
-                    quota = min(ties_left, int((tensor_values == value).sum()))
-                    ties_left -= quota
-                    cuts.append(Cut(value, quota))
-                results[j] = cuts
-            else:
+            lo, hi = brackets[j]
+            values = torch.sort(torch.cat(inside[j])).values
+            n_lo, n_in, n_hi = sum(at_lo[j]), values.numel(), sum(at_hi[j])
+            rank = counts[j] - below[j]  # 1-based rank of the threshold among the scores from lo to hi
+            if not 1 <= rank <= n_lo + n_in + n_hi:
                 widths[j] *= 4  # the sample missed: widen the bracket and count again
+                continue
+            if rank <= n_lo:
+                value, ties_left, tied = lo, rank, at_lo[j]
+            elif rank <= n_lo + n_in:
+                value = values[rank - n_lo - 1].item()
+                ties_left = rank - n_lo - int(torch.count_nonzero(values < value))
+                tied = [int(torch.count_nonzero(t == value)) for t in inside[j]]
+            else:
+                value, ties_left, tied = hi, rank - n_lo - n_in, at_hi[j]
+            cuts = []
+            for count in tied:  # the tie rule: earlier tensors' ties are pruned first
+                quota = min(ties_left, count)
+                ties_left -= quota
+                cuts.append(Cut(value, quota))
+            results[j] = cuts
     return results  # type: ignore[return-value]
 
 
@@ -164,11 +180,26 @@ def cut_mask(scores: torch.Tensor, cut: Cut) -> torch.Tensor:
     return keep
 
 
-def plan_cuts(weights: list, sparsities: Iterable[float], method: str = "magnitude", layerwise: bool = False, seed: int = 0) -> dict[float, list[Cut]]:
+def within_mask(scores: ScoreFn, keeps: list[torch.Tensor]) -> ScoreFn:
+    """``scores`` with every weight a mask already prunes ranked below every kept one (score -1,
+    under any magnitude or uniform draw): the new mask prunes those first, so it is a subset of the
+    old one whatever the weights hold (iterative pruning's rounds)."""
+
+    def restricted(index: int, weight, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        values = scores(index, weight, positions)
+        keep = keeps[index].to(values.device)
+        return values.masked_fill(~(keep if positions is None else keep.reshape(-1)[positions.to(keep.device)]), -1.0)
+
+    return restricted
+
+
+def plan_cuts(weights: list, sparsities: Iterable[float], method: str = "magnitude", layerwise: bool = False, seed: int = 0,
+              scores: Optional[ScoreFn] = None) -> dict[float, list[Cut]]:
     """Each tensor's ``Cut`` for every sparsity: global (one threshold over all tensors) or
-    layerwise (the same sparsity in every tensor, each tensor by the same rule)."""
+    layerwise (the same sparsity in every tensor, each tensor by the same rule). ``scores``
+    replaces the method's own (``within_mask``)."""
     sparsities = [check_sparsity(s) for s in sparsities]
-    scores = score_fn(method, seed)
+    scores = scores or score_fn(method, seed)
     groups = [(0, list(weights))] if not layerwise else [(i, [w]) for i, w in enumerate(weights)]
     out: dict[float, list[Cut]] = {s: [] for s in sparsities}
     for offset, group in groups:
@@ -188,10 +219,15 @@ def compute_masks(
     method: str = "magnitude",
     layerwise: bool = False,
     seed: int = 0,
+    within: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[float, dict[str, torch.Tensor]]:
-    """Masks for every sparsity, from ``plan_cuts``."""
-    plans = plan_cuts(list(params.values()), sparsities, method, layerwise, seed)
+    """Masks for every sparsity, from ``plan_cuts``; with ``within`` (a mask of the same tensors),
+    each a subset of it: its pruned weights stay pruned and the rest of the count is cut from the
+    weights it keeps, by the same rule."""
     scores = score_fn(method, seed)
+    if within is not None:
+        scores = within_mask(scores, [within[name] for name in params])
+    plans = plan_cuts(list(params.values()), sparsities, method, layerwise, seed, scores)
     return {s: {name: cut_mask(scores(i, w), cuts[i]) for i, (name, w) in enumerate(params.items())} for s, cuts in plans.items()}
 
 
@@ -220,6 +256,15 @@ def apply_mask(model: torch.nn.Module, mask: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, keep in mask.items():
         params[name].masked_fill_(~keep.to(params[name].device), 0)
+
+
+def weights_digest(model: torch.nn.Module, names: Iterable[str]) -> str:
+    """sha256 of the named weights' bytes, in the order given: which weights a run started or ended with."""
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(params[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def sparsity_of(mask: dict[str, torch.Tensor]) -> float:
