@@ -156,6 +156,31 @@ class PruneArguments:
 
 
 @dataclass
+class ParpArguments:
+    """run_finetune.py's PARP mode: the fine-tuned model is a ticket of the start model."""
+
+    parp_sparsity: Optional[float] = field(
+        default=None,
+        metadata={"help": "PARP (Lai et al. 2021): prune the start model (--model_name_or_path, pretrained or upstream) to this sparsity by "
+                          "magnitude, fine-tune with the pruned weights zeroed but trainable, re-prune every --reprune_steps steps and at the "
+                          "end; output_dir is then a ticket (mask.safetensors, method parp). Default: an ordinary dense fine-tune."},
+    )
+    reprune_steps: int = field(default=50, metadata={"help": "PARP: optimizer steps between re-prunes (one larger than the run: prune only at the end)."})
+    parp_scope: str = field(default="encoder_linear", metadata={"help": "PARP: the weights pruned (see run_prune.py --prune_scope)."})
+
+
+@dataclass
+class ImpArguments:
+    """run_imp.py: which sparsities, in how many rounds, rewound to which step."""
+
+    sparsity: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9], metadata={"help": "Sparsities written as tickets; each ends a round, hit exactly."})
+    rounds: int = field(default=5, metadata={"help": "Pruning rounds (each followed by a fine-tune): the first sparsity in equal fractions of "
+                                                     "what is left, then one round per further sparsity. At least the number of sparsities."})
+    rewind_step: int = field(default=0, metadata={"help": "Rewind kept weights to those after this optimizer step of the first round (0: the starting weights)."})
+    prune_scope: str = field(default="encoder_linear", metadata={"help": "The weights pruned (see run_prune.py)."})
+
+
+@dataclass
 class TransferArguments:
     upstream: str = field(metadata={"help": "Language whose ticket is transferred (or 'base': the pruned pretrained model)."})
     downstream: str = field(metadata={"help": "Language to fine-tune on and test."})
@@ -179,17 +204,17 @@ class IoUArguments:
     base: Optional[str] = field(default=None, metadata={"help": "The base model's mask at the same sparsity (labelled 'base')."})
 
 
-SCRIPTS = ("run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_pretrain.py")
+SCRIPTS = ("run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_pretrain.py", "run_imp.py")
 
 
 def script_arguments(script: str) -> tuple[type, ...]:
     """The dataclasses ``script`` parses. The training scripts' include transformers'
     ``TrainingArguments`` (which imports torch), so they are imported only when asked for."""
-    if script in ("run_finetune.py", "run_transfer.py"):
+    if script in ("run_finetune.py", "run_transfer.py", "run_imp.py"):
         from .training import CTCTrainingArguments
 
-        transfer = (TransferArguments,) if script == "run_transfer.py" else ()
-        return (*transfer, ModelArguments, DataArguments, CTCTrainingArguments)
+        own = {"run_finetune.py": (ParpArguments,), "run_transfer.py": (TransferArguments,), "run_imp.py": (ImpArguments,)}[script]
+        return (*own, ModelArguments, DataArguments, CTCTrainingArguments)
     if script == "run_pretrain.py":
         from .pretraining import PretrainingArguments
 

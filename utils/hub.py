@@ -117,6 +117,11 @@ def write_ticket_card(ticket_dir: Union[str, os.PathLike], info: dict, evaluatio
         **card_metadata(title, evaluation, source_license(source, info.get("source_revision") or "main")),
     )
     what = "the pretrained base model (the paper's control)" if language in (None, "base") else f"a model fine-tuned on language `{language}`"
+    how = {
+        "imp": f"iterative global magnitude pruning with rewinding ({info.get('rounds')} rounds, rewound to step {info.get('rewind_step')}, "
+               "fine-tuned with the mask held)",
+        "parp": f"PARP (magnitude-pruned, fine-tuned with regrowth, re-pruned every {info.get('reprune_steps')} steps and at the end)",
+    }.get(info["method"], f"one-shot {'layerwise' if info['layerwise'] else 'global'} unstructured {info['method']} pruning")
     scored = ("" if evaluation is None else
               f"\nAs pruned, before any further training, it scores {evaluation.cer:.2%} CER and {evaluation.wer:.2%} WER on the "
               f"{evaluation.dataset.split} split of {evaluation.dataset.name} ({evaluation.dataset.config}, {evaluation.samples} utterances).\n")
@@ -126,8 +131,8 @@ def write_ticket_card(ticket_dir: Union[str, os.PathLike], info: dict, evaluatio
 
 # Language ticket: {language or "base"} at {sparsity:.0%} sparsity
 
-A lottery-ticket subnetwork of {what}{f" (`{hub_source}`)" if hub_source else ""}: one-shot {"layerwise" if info["layerwise"] else "global"} unstructured
-{info["method"]} pruning of scope `{info["scope"]}`, {info["kept_total"]:,} of {info["total"]:,} weights kept.
+A lottery-ticket subnetwork of {what}{f" (`{hub_source}`)" if hub_source else ""}: {how} of scope `{info["scope"]}`,
+{info["kept_total"]:,} of {info["total"]:,} weights kept.
 {scored}
 Pruned weights are stored as exact zeros in `model.safetensors`, so the ticket loads with plain transformers:
 

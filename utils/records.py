@@ -1,6 +1,6 @@
 """The records one step writes and another reads, as typed records shared by writer and reader:
 ``TransferResult`` (run_transfer.py's ``results.json``: one cell of the study's grid),
-``IoUSummary`` (run_iou.py's ``iou.json``) and ``StepRecord`` (the grid's record of each step it
+``ImpRound`` (each round of run_imp.py), ``IoUSummary`` (run_iou.py's ``iou.json``) and ``StepRecord`` (the grid's record of each step it
 ran). Each is written atomically and read back checked: a file missing a field, or holding one the
 record does not know, is refused in one line naming the file and the fields."""
 
@@ -91,6 +91,25 @@ class TransferResult(_Record):
 
 
 @dataclass
+class ImpRound(_Record):
+    """One round of run_imp.py (``round.json`` in its folder): the mask it trained with (none in
+    round 0), the in-scope weights it started from after the rewind, and how it scored."""
+
+    round: int
+    sparsity: float  # of the mask held in this round (0.0: round 0, dense)
+    kept: int
+    total: int
+    mask_sha256: Optional[str]
+    start_weights_sha256: str  # the in-scope weights after the rewind, before the first step
+    eval_loss: float
+    eval_cer: float
+    test_cer: float
+    steps: int
+    seconds: float
+    suite_version: Optional[str] = None
+
+
+@dataclass
 class IoUSummary(_Record):
     """One comparison of masks: labels, the IoU matrix and its random baseline, every pair's row
     and the per-layer / per-module rows (see ``utils.iou``)."""
@@ -138,8 +157,9 @@ class StudyResults:
     """What the finished steps of one study wrote, as the report reads it (``utils.grid.collect``):
     transfer runs and upstream fine-tunes (each a dict with its per-utterance test rows under
     ``utterances``), IoU summaries per sparsity (matrices averaged over seeds, ``per_seed`` kept),
-    the seed-to-seed IoU per sparsity, whether every seed started from one shared base, and the
-    steps whose results are missing (step id, why)."""
+    the seed-to-seed IoU per sparsity, whether every seed started from one shared base, the
+    steps whose results are missing (step id, why), and with several ticket-finding methods each
+    one's transfer runs and the IoU of every method's tickets."""
 
     rows: list[dict]
     ious: dict[float, dict]
@@ -147,3 +167,6 @@ class StudyResults:
     own: list[dict]  # upstream fine-tunes: {"upstream", "seed", "test_cer", "utterances"}
     shared_base: bool = False
     missing: list[tuple[str, str]] = field(default_factory=list)
+    method_rows: dict[str, list[dict]] = field(default_factory=dict)  # with several methods: each one's transfer runs (one-shot's too)
+    method_ious: dict[float, dict] = field(default_factory=dict)  # every method's tickets compared, per sparsity (matrices averaged over seeds)
+    imp_rounds: list[dict] = field(default_factory=list)  # each IMP run: {"upstream", "seed", "rounds": [ImpRound as a dict, ...]}

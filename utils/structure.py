@@ -23,6 +23,7 @@ from functools import cached_property
 from typing import Optional
 
 from .errors import UsageError
+from .layout import ONE_SHOT
 
 # Feed-forward and self-attention as wav2vec2-style encoder layers name them, in the order the
 # model's ``named_parameters()`` lists them (the tie rule's order, kept when pruning from files).
@@ -240,6 +241,17 @@ PRUNE_SCOPES = {
     "models, whose compute sits in the conv stack)",
 }
 PRUNE_METHODS = ("magnitude", "random")
+# How a study finds a language's ticket (run_grid.py's ``methods``), and the ``method`` its mask records.
+FINDING_METHODS = {
+    ONE_SHOT: "one-shot global magnitude pruning of the fine-tuned model (run_prune.py; the paper's)",
+    "imp": "iterative magnitude pruning with rewinding (run_imp.py)",
+    "parp": "PARP: prune the start model, fine-tune with regrowth, re-prune at intervals (run_finetune.py --parp_sparsity)",
+}
+
+
+def finding_method(mask_method: str) -> str:
+    """The finding method (a key of ``FINDING_METHODS``) of a mask's recorded ``method``."""
+    return mask_method if mask_method in FINDING_METHODS else ONE_SHOT
 
 
 def check_sparsity(sparsity: float) -> float:

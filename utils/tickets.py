@@ -85,7 +85,7 @@ def build_tickets(
     logger.info("thresholds for %s over %d tensors (%d weights) from the files of %s in %.1f s", todo, len(names),
                 sum(files.tensors[n].numel() for n in names), source, time.perf_counter() - start)
     processor = _load_processor(source, revision)
-    info = _mask_info(spec, language, source, resolved_commit(source, revision), files.config.model_type)
+    info = mask_info(spec, language, source, resolved_commit(source, revision), files.config.model_type)
 
     def write(tmp: Path, sparsity: float) -> dict:
         mask = write_pruned_weights(files, tmp, names, cuts[sparsity], spec.method, spec.seed)
@@ -107,7 +107,7 @@ def _build_from_model(source: str, revision: str, targets: dict[float, Path], to
     start = time.perf_counter()
     masks = compute_masks(params, todo, method=spec.method, layerwise=spec.layerwise, seed=spec.seed)
     logger.info("masks for %s over %d tensors (%d weights) in %.1f s", todo, len(params), sum(p.numel() for p in params.values()), time.perf_counter() - start)
-    info = _mask_info(spec, language, source, resolved_commit(source, revision), model.config.model_type)
+    info = mask_info(spec, language, source, resolved_commit(source, revision), model.config.model_type)
 
     def write(tmp: Path, sparsity: float) -> dict:
         model.save_pretrained(tmp)
@@ -131,7 +131,7 @@ def _load_processor(source: str, revision: str):
         return AutoFeatureExtractor.from_pretrained(source, revision=revision)
 
 
-def _mask_info(spec: PruneSpec, language: Optional[str], source: str, source_revision: Optional[str], model_type: str) -> dict:
+def mask_info(spec: PruneSpec, language: Optional[str], source: str, source_revision: Optional[str], model_type: str) -> dict:
     """What a ticket's mask records besides its bits (its sparsity is added per ticket)."""
     return {
         "scope": spec.scope,

@@ -25,6 +25,7 @@ from .hub import CardEvaluation, finish_trainer_card, is_hub_id, source_license
 from .metrics import SPLIT_OF_PREFIX, corpus_rates, greedy_transcripts, predictions_path, score_utterances, write_predictions
 from .layout import TRAINER_RESULTS_FILE
 from .preemption import MidEpochResumeMixin, train_until_stopped
+from .pruning import compute_masks
 from .runs import remove_checkpoints, write_json_atomic
 from .structure import Family
 
@@ -176,6 +177,45 @@ class HoldMaskCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self._hold()
+
+
+class RepruneCallback(TrainerCallback):
+    """PARP's adjust and re-prune (Lai et al. 2021): the pruned weights start at 0 but stay
+    trainable; every ``every`` optimizer steps (at step end: before logging, evaluation and any
+    checkpoint see the weights) and once when training ends (after the best checkpoint is loaded)
+    the weights in ``mask`` are pruned again to exactly ``sparsity`` by the global magnitude
+    threshold of ``utils.pruning``, so weights that grew back may stay and others leave. ``mask``
+    (the start's) is replaced by each re-prune's; ``reprunes`` lists the steps they happened at."""
+
+    def __init__(self, mask: dict[str, torch.Tensor], sparsity: float, every: int):
+        self.mask, self.sparsity, self.every = mask, sparsity, every
+        self.reprunes: list[int] = []
+        self._params: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        params = dict(model.named_parameters())
+        self._params = {name: params[name] for name in self.mask}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._reprune(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:  # the end of training, not a stop signal's
+            self._reprune(state.global_step, "at the end")
+
+    @torch.no_grad()
+    def _reprune(self, step: int, when: str = "") -> None:
+        # bool arithmetic only: indexing the weights by the mask would copy most of them
+        moved = sum(int(torch.count_nonzero((p != 0) & ~self.mask[n].to(p.device))) for n, p in self._params.items())
+        new = compute_masks(self._params, [self.sparsity])[self.sparsity]
+        changed = sum(int(torch.count_nonzero(new[n] ^ self.mask[n].to(new[n].device))) for n in new)
+        for name, param in self._params.items():
+            param.masked_fill_(~new[name], 0)
+        self.mask = new
+        self.reprunes.append(step)
+        logger.info("PARP re-prune at step %d%s: %d pruned weights had moved off 0; %d weights changed sides", step, f" ({when})" if when else "",
+                    moved, changed)
 
 
 class FreezeEncoderCallback(TrainerCallback):
