@@ -47,8 +47,12 @@ def check_flags(config) -> None:
         "ctc_pretrain": flag_names("run_finetune.py") | {"mixture", "num_train"},
         "ssl_pretrain": flag_names("run_pretrain.py"),
         "transfer": flag_names("run_transfer.py"),
+        "imp": flag_names("run_imp.py"),
+        "parp": flag_names("run_finetune.py"),
     }
     sections = {section: (getattr(config, section), valid) for section, valid in allowed.items()}
+    if "imp" in config.methods:  # run_imp.py's rounds are fine-tunes with the finetune flags
+        sections["finetune (used by imp)"] = (config.finetune, allowed["finetune"] & allowed["imp"])
     sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items() if "mixture" in settings}  # overrides ssl_pretrain flags
     for section, (settings, valid) in sections.items():
         unknown = sorted(set(settings) - valid)
@@ -66,7 +70,8 @@ def aggregate(config, steps) -> Path:
     per_base, table = {}, []
     for name, folder, prefix in sub_studies(config):
         results = collect(config, steps, prefix)
-        csv_rows = result_rows(results.rows)  # each with its bootstrap interval: computed once
+        every_method = [r for rows in results.method_rows.values() for r in rows] if results.method_rows else results.rows
+        csv_rows = result_rows(every_method)  # each with its bootstrap interval: computed once
         write_csv_atomic(folder / "results.csv", csv_rows, RESULT_COLUMNS)
         title = f"Study: {config.name}" + (f", base {name}" if name else "")
         report = write_report(folder, results, upstreams, config.downstream, title, config.note)

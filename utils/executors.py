@@ -43,8 +43,8 @@ from .records import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "slurm")
-STEP_KINDS = ("corpus", "init", "pretrain", "finetune", "prune", "transfer", "iou", "report")
-TRAINING_KINDS = ("pretrain", "finetune", "transfer")
+STEP_KINDS = ("corpus", "init", "pretrain", "finetune", "prune", "imp", "parp", "transfer", "iou", "report")
+TRAINING_KINDS = ("pretrain", "finetune", "imp", "parp", "transfer")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "additional")
 SIGNAL_AHEAD_S = 120  # SIGUSR1 this long before a Slurm job's time limit: time to finish a step and save
 RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .executors import TRAINING_KINDS
 from .grid import Step, StudyConfig, sub_studies
 
 CHECKPOINT_FACTOR = 3  # weights + AdamW's exp_avg and exp_avg_sq, each the size of the weights
-KINDS = ("init", "pretrain", "finetune", "prune", "transfer")  # the kinds that write weights
+KINDS = ("init", "pretrain", "finetune", "prune", "imp", "parp", "transfer")  # the kinds that write weights
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def study_footprint(config: StudyConfig, steps: list[Step], size_of: Callable[[s
     """Per step kind that writes weights: how many steps, what each keeps, its checkpoints."""
     models = {prefix: (config.bases.get(name, {}).get("model") if name else None) or config.model for name, _, prefix in sub_studies(config)}
     sizes = {reference: size_of(reference) for reference in set(models.values())}
-    found: dict[str, list[tuple[int, int, int]]] = {}  # kind -> (bytes kept, bytes of one checkpoint, checkpoints kept) per step
+    found: dict[str, list[tuple[int, int, int, int]]] = {}  # kind -> (bytes kept, bytes of one checkpoint, checkpoints kept, held while running) per step
     for step in steps:
         if step.kind not in KINDS:
             continue
@@ -72,12 +73,22 @@ def study_footprint(config: StudyConfig, steps: list[Step], size_of: Callable[[s
         size = sizes[models[prefix]]
         pretraining = step.kind == "pretrain" and any(arg.endswith("run_pretrain.py") for arg in step.argv)
         weights = size.pretraining_bytes if pretraining else size.ctc_bytes
-        each = weights + (math.ceil(size.prunable / 8) if step.kind == "prune" else 0)
-        training = step.kind in ("pretrain", "finetune", "transfer")
+        # IMP trains rounds + 1 times and keeps each round's model and the rewind point (its tickets are hard links to round models)
+        fine_tunes = _imp_rounds(step) + 1 if step.kind == "imp" else 1
+        each = weights * (fine_tunes + (step.kind == "imp")) + (math.ceil(size.prunable / 8) if step.kind in ("prune", "parp", "imp") else 0)
+        training = step.kind in TRAINING_KINDS
         limit = int(step.settings.get("save_total_limit") or _default_save_total_limit(pretraining)) if training else 0
-        found.setdefault(step.kind, []).append((each, CHECKPOINT_FACTOR * weights if training else 0, limit))
+        found.setdefault(step.kind, []).append((each, CHECKPOINT_FACTOR * weights if training else 0, limit * fine_tunes, limit + 1 if training else 0))
     return [KindFootprint(kind, len(rows), sum(r[0] for r in rows), max(r[0] for r in rows), sum(r[1] * r[2] for r in rows),
-                          max(r[0] + r[1] * r[2] for r in rows), max(r[1] * (r[2] + 1) for r in rows)) for kind in KINDS if (rows := found.get(kind))]
+                          max(r[0] + r[1] * r[2] for r in rows), max(r[1] * r[3] for r in rows)) for kind in KINDS if (rows := found.get(kind))]
+
+
+def _imp_rounds(step: Step) -> int:
+    from dataclasses import fields
+
+    from .arguments import ImpArguments
+
+    return int(step.settings.get("rounds") or next(f.default for f in fields(ImpArguments) if f.name == "rounds"))
 
 
 def _default_save_total_limit(pretraining: bool) -> int:

@@ -39,11 +39,12 @@ from .arguments import GENERATED_CORPUS_DIR, fill_language
 from .errors import MissingInput, UsageError
 from .executors import LIVE_STATES, TRAINING_KINDS, JobSpec, Resources, launch_command, parse_resources, parse_slurm, read_record
 from .languages import resolve_language
-from .layout import IOU_FILE, MASK_FILE, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, has_local_config_only, sparsity_dirname
+from .layout import (IOU_FILE, MASK_FILE, ONE_SHOT, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, has_local_config_only, imp_round_records,
+                     sparsity_dirname)
 from .mixture import parse_mixture
-from .records import IoUSummary, StepRecord, StudyResults, TransferResult
+from .records import ImpRound, IoUSummary, StepRecord, StudyResults, TransferResult
 from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
-from .structure import check_sparsity
+from .structure import FINDING_METHODS, check_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,14 @@ class StudyConfig:
     bases compared on the advantage of ``dominant`` (default: the language with the largest share
     in any base's mixture). With ``shared_base``, every seed starts from one base made with the
     first seed (as every seed of an XLS-R study starts from the one published checkpoint), so the
-    seeds differ only in fine-tuning, pruning and transfer."""
+    seeds differ only in fine-tuning, pruning and transfer.
+
+    ``methods`` lists how each language's tickets are found: ``oneshot`` (the paper's: fine-tune,
+    then run_prune.py), ``imp`` (run_imp.py from the base, with the ``finetune`` flags and the
+    ``imp`` ones over them) and ``parp`` (run_finetune.py ``--parp_sparsity`` from the base, with the
+    ``finetune`` flags and the ``parp`` ones over them). Every method's tickets are transferred to
+    every downstream language and compared by IoU with the others'; ``oneshot`` is always one of
+    them, the reference the others are compared with."""
 
     name: str
     output_dir: str
@@ -86,6 +94,9 @@ class StudyConfig:
     resources: dict[str, Any] = field(default_factory=dict)  # step kind -> Resources (see utils.executors)
     slurm: dict[str, Any] = field(default_factory=dict)  # partition, account, qos, constraint, additional
     note: Optional[str] = None
+    methods: list[str] = field(default_factory=lambda: [ONE_SHOT])  # how each language's tickets are found (FINDING_METHODS)
+    imp: dict[str, Any] = field(default_factory=dict)  # run_imp.py flags over finetune's (method imp)
+    parp: dict[str, Any] = field(default_factory=dict)  # run_finetune.py PARP flags over finetune's (method parp)
     keep_checkpoints: bool = False  # training steps keep their Trainer checkpoints after succeeding (removed by default)
 
     def resources_of(self, kind: str) -> Resources:
@@ -112,7 +123,7 @@ def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return _read_config(parent_path, seen + (os.path.realpath(path),)) | raw
 
 
-FLAG_SECTIONS = ("data", "finetune", "prune", "transfer", "ctc_pretrain", "ssl_pretrain")  # flags handed to scripts
+FLAG_SECTIONS = ("data", "finetune", "prune", "transfer", "ctc_pretrain", "ssl_pretrain", "imp", "parp")  # flags handed to scripts
 MIXTURE_KEY = "mixture"  # the one flag-section entry that is a mapping (ctc_pretrain, bases)
 
 
@@ -206,7 +217,7 @@ def load_config(path: str) -> StudyConfig:
     # A Hub token in a section goes to the environment the steps inherit, never into their
     # command lines, records or logs.
     bases = list(config.bases.values()) if isinstance(config.bases, dict) else []
-    for section in (config.data, config.finetune, config.prune, config.transfer, config.ctc_pretrain, config.ssl_pretrain, *bases):
+    for section in (config.data, config.finetune, config.prune, config.transfer, config.ctc_pretrain, config.ssl_pretrain, config.imp, config.parp, *bases):
         if isinstance(section, dict):
             for name in SECRET_FLAGS:
                 hide_token(section.pop(name, None))
@@ -230,11 +241,25 @@ def load_config(path: str) -> StudyConfig:
             raise UsageError(f"ctc_pretrain.mixture {config.ctc_pretrain['mixture']} names a language without an espeak-ng voice")
     if config.bases or config.ssl_pretrain or config.dominant:
         _check_bases(config)
+    _check_methods(config)
     if config.data.get("dataset_name") == "generated":
         silent = [code for code in study_languages(config) if resolve_language(code).espeak_voice is None]
         if silent:
             raise UsageError(f"the generated corpus has no voice for {', '.join(sorted(set(silent)))}: use FLEURS for them or drop them from the config")
     return config
+
+
+def _check_methods(config: StudyConfig) -> None:
+    """``methods``: known ones, each once, one-shot among them; ``imp`` sparsities are the study's."""
+    unknown = [m for m in config.methods if m not in FINDING_METHODS]
+    if unknown:
+        raise UsageError(f"grid config methods has unknown method {unknown[0]!r}: expected some of {', '.join(FINDING_METHODS)}")
+    if len(set(config.methods)) != len(config.methods) or ONE_SHOT not in config.methods:
+        raise UsageError(f"grid config methods {config.methods}: expected each method once, {ONE_SHOT} among them (the paper's method, "
+                         "which the others are compared with)")
+    for method, flag in (("imp", "sparsity"), ("parp", "parp_sparsity")):
+        if flag in getattr(config, method):
+            raise UsageError(f"grid config {method}.{flag}: the study's sparsities are every method's; expected it only in sparsities")
 
 
 def _check_bases(config: StudyConfig) -> None:
@@ -296,6 +321,7 @@ class Step:
     needs: list[str] = field(default_factory=list)  # ids of the steps that must finish first
     identity: dict[str, Any] = field(default_factory=dict)
     launch_len: int = 1  # argv[:launch_len] is the launcher (python, or accelerate launch and its options)
+    method: str = ONE_SHOT  # how the tickets it makes or uses were found
 
     @property
     def digest(self) -> str:
@@ -328,7 +354,7 @@ class _Planner:
         self.keep_checkpoints = keep_checkpoints
 
     def add(self, id: str, kind: str, argv: list[str], done: Path, settings: dict, output: Path, needs: list[str], launch_len: int = 1,
-            shared: bool = False) -> Step:
+            shared: bool = False, method: str = ONE_SHOT) -> Step:
         if id in self.by_id:  # a step every seed shares (the base with shared_base): planned once
             return self.by_id[id]
         needs = [n for n in needs if n in self.by_id]
@@ -338,7 +364,7 @@ class _Planner:
             "settings": {k: v for k, v in settings.items() if k not in RUNTIME_FIELDS},
             "needs": {n: self.by_id[n].digest for n in needs},
         } | ({"shared": "every seed"} if shared else {})
-        step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)), launch_len)
+        step = Step(id, kind, argv, done, settings, output, needs, json.loads(json.dumps(identity, default=str)), launch_len, method)
         self.steps.append(step)
         self.by_id[id] = step
         return step
@@ -432,14 +458,18 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayo
             settings = {"model_name_or_path": source, "language": label, "sparsity": s, "output_dir": str(target), "seed": seed, **config.prune}
             p.add(prune_step_id(seed, label, s, prefix), "prune", [*python, str(ROOT / "run_prune.py"), *_flags(settings)], target / MASK_FILE,
                   settings, target, [parent])
-    tickets_from = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
-    for up in tickets_from:
-        for down in config.downstream:
-            for s in config.sparsities:
-                target = layout.transfer(seed, up, down, s)
-                settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(layout.tickets(seed)), "output_dir": str(target), "seed": seed, **_data_flags(config.data, down), **config.transfer}
-                p.add(layout.step_id(target, prefix), "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
-                      target / RESULTS_FILE, settings, target, [prune_step_id(seed, up, s, prefix)], len(launch["transfer"]))
+    ticket_steps = {(ONE_SHOT, label, s): prune_step_id(seed, label, s, prefix) for label, _, _ in sources for s in config.sparsities}
+    ticket_steps |= _plan_other_methods(p, config, launch, layout, prefix, seed, base, needs)
+    for method in config.methods:
+        tickets_from = config.upstream + (["base"] if method == ONE_SHOT and config.transfer_base and config.prune_base else [])
+        for up in tickets_from:
+            for down in config.downstream:
+                for s in config.sparsities:
+                    target = layout.transfer(seed, up, down, s, method)
+                    settings = {"upstream": up, "downstream": down, "sparsity": s, "tickets_dir": str(layout.tickets(seed, method)), "output_dir": str(target),
+                                "seed": seed, **_data_flags(config.data, down), **config.transfer}
+                    p.add(layout.step_id(target, prefix), "transfer", [*launch["transfer"], str(ROOT / "run_transfer.py"), *_flags(settings)],
+                          target / RESULTS_FILE, settings, target, [ticket_steps[(method, up, s)]], len(launch["transfer"]), method=method)
     labels = config.upstream + (["base"] if config.prune_base else [])
     for s in config.sparsities:
         if len(labels) < 2:
@@ -449,6 +479,44 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayo
         settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(layout.ticket(seed, "base", s))} if config.prune_base else {})
         p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, [prune_step_id(seed, label, s, prefix) for label in labels])
+    if len(config.methods) < 2:
+        return
+    for s in config.sparsities:  # every method's ticket of every language (and the one-shot base's): do the methods agree, per language?
+        target = layout.methods_iou(seed, s)
+        masks = [method_label(method, up) + f"={layout.ticket(seed, up, s, method)}" for method in config.methods for up in config.upstream]
+        settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(layout.ticket(seed, "base", s))} if config.prune_base else {})
+        makers = [ticket_steps[(method, up, s)] for method in config.methods for up in config.upstream]
+        p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
+              settings, target, makers + ([prune_step_id(seed, "base", s, prefix)] if config.prune_base else []))
+
+
+def method_label(method: str, language: str) -> str:
+    """A ticket's label in the methods' IoU: ``imp:en``."""
+    return f"{method}:{language}"
+
+
+def _plan_other_methods(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayout, prefix: str, seed: int, base: str,
+                        needs: list[Optional[str]]) -> dict[tuple[str, str, float], str]:
+    """The tickets of each upstream language found by IMP (one run_imp.py step for every sparsity)
+    and PARP (one run_finetune.py --parp_sparsity step per sparsity), both from ``base``; returns
+    the step that makes each (method, language, sparsity) ticket."""
+    made = {}
+    for up in config.upstream if "imp" in config.methods else []:
+        target = layout.tickets(seed, "imp") / up
+        settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, "sparsity": config.sparsities,
+                    **_data_flags(config.data, up), **config.finetune, **config.imp}
+        step = p.add(layout.step_id(target, prefix), "imp", [*launch["imp"], str(ROOT / "run_imp.py"), *_flags(settings)],
+                     layout.ticket(seed, up, max(config.sparsities), "imp") / MASK_FILE, settings, target, needs, len(launch["imp"]), method="imp")
+        made |= {("imp", up, s): step.id for s in config.sparsities}
+    for up in config.upstream if "parp" in config.methods else []:
+        for s in config.sparsities:
+            target = layout.ticket(seed, up, s, "parp")
+            settings = {"language": up, "model_name_or_path": base, "output_dir": str(target), "seed": seed, "parp_sparsity": s,
+                        **_data_flags(config.data, up), **config.finetune, **config.parp}
+            step = p.add(layout.step_id(target, prefix), "parp", [*launch["parp"], str(ROOT / "run_finetune.py"), *_flags(settings)], target / MASK_FILE,
+                         settings, target, needs, len(launch["parp"]), method="parp")
+            made[("parp", up, s)] = step.id
+    return made
 
 
 def _plan_seed_iou(p: _Planner, config: StudyConfig, layout: StudyLayout, prefix: str) -> None:
@@ -601,7 +669,7 @@ def _alive(pid: Any) -> bool:
 
 def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -> int:
     """Copy what the report reads (each finished transfer's and fine-tune's results and test
-    predictions, each IoU summary) from the study into ``target``, in the same layout, so the
+    predictions, each IoU summary, each IMP round's record) from the study into ``target``, in the same layout, so the
     report can be re-rendered there (``--report_only --output_dir target``). Returns the number of files."""
     import shutil
 
@@ -612,9 +680,9 @@ def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -
         raise UsageError(f"--publish {target}: expected a folder other than the study's own output_dir")
     count = 0
     for step in steps:
-        if step.kind not in ("transfer", "finetune", "iou") or not step.done.is_file():
+        if step.kind not in ("transfer", "finetune", "iou", "imp") or not step.done.is_file():
             continue
-        files = [step.done] + ([predictions_path(step.output, "test")] if step.kind != "iou" else [])
+        files = imp_round_records(step.output) if step.kind == "imp" else [step.done] + ([predictions_path(step.output, "test")] if step.kind != "iou" else [])
         for path in files:
             dest = target / Path(path).resolve().relative_to(source)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -632,33 +700,47 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
 
     planned, steps = steps, [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
     layout = StudyLayout(next(folder for _, folder, p in sub_studies(config) if p == prefix))
-    rows, own = [], []
+    rows, own, imp_rounds = [], [], []
+    by_method: dict[str, list[dict]] = {method: [] for method in config.methods}
     for step in steps:
         if step.kind == "transfer" and step.done.is_file():
             result = TransferResult.read(step.done).to_dict()
             result["utterances"] = read_predictions(predictions_path(step.output, "test"), result["test_cer"], result["test_samples"])
-            rows.append(result)
+            by_method.setdefault(step.method, []).append(result)
+            if step.method == ONE_SHOT:
+                rows.append(result)
         elif step.kind == "finetune" and step.done.is_file():
             metrics = json.loads(step.done.read_text(encoding="utf-8"))
             if "test_cer" not in metrics:  # a fine-tune without a test split: no own CER to show
                 continue
             utterances = read_predictions(predictions_path(step.output, "test"), metrics["test_cer"], metrics["test_samples"])
             own.append({"upstream": step.settings["language"], "seed": step.settings["seed"], "test_cer": metrics["test_cer"], "utterances": utterances})
+        elif step.kind == "imp" and (records := imp_round_records(step.output)):  # the rounds finished so far (a published study has no ticket files)
+            imp_rounds.append({"upstream": step.settings["language"], "seed": step.settings["seed"],
+                               "rounds": [ImpRound.read(path).to_dict() for path in records]})
     ious: dict[float, dict] = {}
     seed_ious: dict[float, dict] = {}
+    method_ious: dict[float, dict] = {}
     for s in config.sparsities:
-        per_seed = {layout.iou(seed, s) for seed in config.seeds}
-        found = [IoUSummary.read(st.done).to_dict() for st in steps if st.kind == "iou" and st.output in per_seed and st.done.is_file()]
-        if found:
-            merged = dict(found[0])
-            n = len(merged["labels"])
-            for key in ("matrix", "random_matrix"):
-                merged[key] = [[sum(f[key][i][j] for f in found) / len(found) for j in range(n)] for i in range(n)]
-            merged["seeds"] = len(found)
-            merged["per_seed"] = found
-            ious[s] = merged
+        for merged_into, folder in ((ious, layout.iou), (method_ious, layout.methods_iou)):
+            per_seed = {folder(seed, s) for seed in config.seeds}
+            found = [IoUSummary.read(st.done).to_dict() for st in steps if st.kind == "iou" and st.output in per_seed and st.done.is_file()]
+            if found:
+                merged_into[s] = _averaged(found)
         across = [st for st in steps if st.kind == "iou" and st.output == layout.seeds_iou(s) and st.done.is_file()]
         if across:
             seed_ious[s] = IoUSummary.read(across[0].done).to_dict()
     ours = {st.id for st in steps}
-    return StudyResults(rows, ious, seed_ious, own, config.shared_base, [m for m in missing_results(config, planned) if m[0] in ours])
+    return StudyResults(rows, ious, seed_ious, own, config.shared_base, [m for m in missing_results(config, planned) if m[0] in ours],
+                        by_method if len(config.methods) > 1 else {}, method_ious, imp_rounds)
+
+
+def _averaged(found: list[dict]) -> dict:
+    """IoU summaries of the seeds of one comparison: matrices averaged, each seed's kept (``per_seed``)."""
+    merged = dict(found[0])
+    n = len(merged["labels"])
+    for key in ("matrix", "random_matrix"):
+        merged[key] = [[sum(f[key][i][j] for f in found) / len(found) for j in range(n)] for i in range(n)]
+    merged["seeds"] = len(found)
+    merged["per_seed"] = found
+    return merged

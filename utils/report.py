@@ -31,11 +31,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .errors import UsageError
 from .iou import chance_corrected
+from .layout import ONE_SHOT
 from .records import StudyResults
 from .runs import atomic_open
 from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm_marks, mean_interval, rate_interval
 
-RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
+RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "prune_method", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
                   "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s", "suite_version"]
 PER_RUN_METHOD = (f"results.csv: one row per run, its {CONFIDENCE:.0%} interval a percentile bootstrap over that run's test utterances "
                   f"({N_RESAMPLES:,} resamples, seed {SEED}; scipy.stats.bootstrap), test-set sampling only")
@@ -180,7 +181,7 @@ def _edits(row: dict) -> tuple[list[int], list[int]]:
 def result_rows(rows: list[dict]) -> list[dict]:
     """``results.csv`` rows: each run's result with its own bootstrap interval."""
     out = []
-    for r in sorted(rows, key=lambda r: (r["sparsity"], r["upstream"], r["downstream"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["upstream"], r["downstream"], r["seed"], r["prune_method"])):
         ci = rate_interval(Rates.from_seeds([_edits(r)]))
         out.append({k: v for k, v in r.items() if k != "utterances"} | {"test_cer_low": ci.low, "test_cer_high": ci.high})
     return out
@@ -454,6 +455,121 @@ def noise_floor_markdown(seed_iou: dict, shared_base: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ticket-finding methods compared
+
+
+def methods_transfer_table(method_rows: dict[str, list[dict]], sparsity: float, upstreams: list[str], downstreams: list[str]) -> tuple[str, dict]:
+    """Transfer CER (%) of each language's ticket found by each method, on each downstream language,
+    with intervals, and each other method minus one-shot (percentage points, paired by utterance
+    and seed); the last row per ticket compares the means over the downstream languages other than
+    its own. \\* marks survive Holm's correction over every difference of this table."""
+    methods = list(method_rows)
+    rates = {m: {key: cell_rates(runs) for key, runs in cells_at(rows, sparsity).items()} for m, rows in method_rows.items()}
+    others = [m for m in methods if m != ONE_SHOT]
+    family: dict[str, Interval] = {}
+    spreads: dict[str, list[float]] = {}
+    for m in others:
+        for u in upstreams:
+            for d in downstreams:
+                if (u, d) in rates[m] and (u, d) in rates[ONE_SHOT]:
+                    family[f"{m}-{ONE_SHOT}:{u}->{d}"] = difference_interval({d: rates[m][(u, d)]}, {d: rates[ONE_SHOT][(u, d)]})
+                    spreads[f"{m}-{ONE_SHOT}:{u}->{d}"] = per_seed_difference(rates[m][(u, d)], rates[ONE_SHOT][(u, d)])
+            shared = [d for d in downstreams if d != u and (u, d) in rates[m] and (u, d) in rates[ONE_SHOT]]
+            if len(shared) > 1:
+                family[f"{m}-{ONE_SHOT}:{u}->avg"] = difference_interval({d: rates[m][(u, d)] for d in shared}, {d: rates[ONE_SHOT][(u, d)] for d in shared})
+    marked = dict(zip(family, holm_marks(list(family.values()))))
+    table = []
+    for u in upstreams:
+        for d in downstreams + ["avg"]:
+            key = f"{u}->{d}"
+            if d == "avg" and not any(f"{m}-{ONE_SHOT}:{key}" in family for m in others):
+                continue
+            line = [f"**{u}** → {'avg non-matching' if d == 'avg' else d}"]
+            for m in methods:
+                line.append(fmt_rate(rates[m][(u, d)], d) if (u, d) in rates[m] else "–")
+            for m in others:
+                name = f"{m}-{ONE_SHOT}:{key}"
+                line.append(fmt_difference(family[name], marked[name], spreads.get(name)) if name in family else "–")
+            table.append(line)
+    one_seed = min((ci.seeds for ci in family.values()), default=1) < 2
+    header = ["ticket → downstream" + (ONE_SEED_HEADER if one_seed else "")] + [f"{m} CER" for m in methods] + [f"{m} − {ONE_SHOT} (pp)" for m in others]
+    line = detectable_line(list(family.values()))
+    numbers = {"cer": {m: {f"{u}->{d}": float(r.rate()) for (u, d), r in rates[m].items()} for m in methods},
+               "family": {k: v.numbers(marked[k]) for k, v in family.items()}}
+    return markdown_table(header, table) + (f"\n\n{line}" if line else ""), numbers
+
+
+def _method_of(label: str) -> tuple[str, str]:
+    method, _, language = label.partition(":")
+    return (method, language) if language else ("", label)
+
+
+def methods_iou_tables(iou: dict, methods: list[str]) -> tuple[str, dict]:
+    """From the IoU of every method's ticket of every language (seed by seed): per language, how
+    much the methods' tickets agree; per method, how much different languages' tickets overlap (is
+    language-specificity a property of the method?) and how much each overlaps the one-shot base."""
+    per_seed = iou.get("per_seed", [iou])
+    agree: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    cross: dict[str, list[dict]] = defaultdict(list)
+    base: dict[str, list[dict]] = defaultdict(list)
+    for summary in per_seed:
+        for row in summary["pairs"]:
+            (ma, la), (mb, lb) = _method_of(row["a"]), _method_of(row["b"])
+            if "base" in (row["a"], row["b"]):
+                base[ma or mb].append(row)
+            elif la == lb:
+                first, second = sorted((ma, mb), key=methods.index)
+                agree[(la, first, second)].append(row)
+            elif ma == mb:
+                cross[ma].append(row)
+    languages = list(dict.fromkeys(language for language, _, _ in agree))
+    pairs = list(combinations(methods, 2))
+    rows = [[f"**{language}**"] + [f"{_stat(agree[(language, a, b)])} ({_stat(_corrected(agree[(language, a, b)]), 'cc')})" for a, b in pairs]
+            for language in languages]
+    agreement = markdown_table(["language"] + [f"{a} vs {b}: IoU (chance-corr.)" for a, b in pairs], rows)
+    rows = [[f"**{m}**", _stat(cross[m]), _stat(_corrected(cross[m]), "cc"), _stat(base[m]), _stat(cross[m], "random_iou")] for m in methods]
+    specificity = markdown_table(["method", "other languages' tickets", "(chance-corr.)", "vs one-shot base", "random"], rows)
+    numbers = {"agreement": {f"{language}:{a}-{b}": [r["iou"] for r in agree[(language, a, b)]] for language in languages for a, b in pairs},
+               "cross_language": {m: [r["iou"] for r in cross[m]] for m in methods}, "vs_base": {m: [r["iou"] for r in base[m]] for m in methods}}
+    return agreement, specificity, numbers
+
+
+def imp_rounds_markdown(imp_runs: list[dict]) -> str:
+    """Each language's IMP rounds: the sparsity each trained at and its eval and test CER (%),
+    mean [min, max] over seeds."""
+    by_round: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for run in imp_runs:
+        for record in run["rounds"]:
+            by_round[(run["upstream"], record["round"])].append(record)
+    rows = [[f"**{u}**", str(r), f"{100 * records[0]['sparsity']:.1f}", _stat(records, "eval_cer"), _stat(records, "test_cer"), str(len(records))]
+            for (u, r), records in sorted(by_round.items())]
+    return markdown_table(["language", "round", "sparsity %", "eval CER %", "test CER %", "seeds"], rows)
+
+
+def methods_markdown(results: StudyResults, sparsity: float, upstreams: list[str], downstreams: list[str]) -> str:
+    """The report's section comparing the ticket-finding methods at one sparsity."""
+    methods = list(results.method_rows)
+    parts = [f"## Ticket-finding methods at {sparsity:.0%} sparsity\n"]
+    if any(abs(r["sparsity"] - sparsity) < 1e-9 for rows in results.method_rows.values() for r in rows):
+        table, numbers = methods_transfer_table(results.method_rows, sparsity, upstreams, downstreams)
+        parts.append(
+            "Transfer CER (%) of each upstream language's ticket as each method found it, with intervals as above, and each method minus "
+            f"{ONE_SHOT} in percentage points, paired by test utterance and seed. "
+            + (f"\\* marks a difference that survives Holm-Bonferroni correction (family-wise {ALPHA:g}) over all {len(numbers['family'])} "
+               "differences of this table." if len({r["seed"] for rows in results.method_rows.values() for r in rows}) > 1
+               else "No marks: with one seed the intervals miss training noise.")
+            + "\n\n" + table + "\n")
+    if sparsity in results.method_ious:
+        agreement, specificity, _ = methods_iou_tables(results.method_ious[sparsity], methods)
+        parts.append("Do the methods agree on which weights matter? IoU (%) of the same language's tickets found by two methods, mean "
+                     "[min, max] over seeds:\n\n" + agreement + "\n")
+        parts.append("Is language-specificity a property of the method? Per method, the IoU (%) of different languages' tickets of the same "
+                     "seed (mean [min, max] over language pairs and seeds), and of each language's ticket with the one-shot base ticket:\n\n"
+                     + specificity + "\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
 # REPORT.md
 
 
@@ -517,6 +633,12 @@ def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams:
             if layers:
                 plot_noise_floor(layers, f"IoU per layer at {s:.0%}: across seeds vs across languages", figures / f"iou_noise_floor_{tag}.png")
                 parts.append(f"![noise floor](figures/iou_noise_floor_{tag}.png)\n")
+    for s in sparsities if len(results.method_rows) > 1 else []:
+        parts.append(methods_markdown(results, s, upstreams, downstreams))
+    if results.imp_rounds:
+        parts.append("## IMP's rounds\n\nEach round of iterative magnitude pruning (run_imp.py) on the upstream language: the sparsity it "
+                     "fine-tuned at (round 0: dense) and the CER (%) of its kept checkpoint, mean [min, max] over seeds. Each requested "
+                     "sparsity's ticket is the model of the round that trained at it.\n\n" + imp_rounds_markdown(results.imp_rounds) + "\n")
     path = study_dir / "REPORT.md"
     with atomic_open(path) as f:
         f.write("\n".join(parts))
