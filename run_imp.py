@@ -46,7 +46,7 @@ from utils.masks import Mask
 from utils.model import checkpoint_vocab, load_ctc_model, load_feature_extractor, require_model
 from utils.pruning import apply_mask, compute_masks, prunable_parameters, weights_digest
 from utils.records import ImpRound
-from utils.runs import claim_output_dir, last_complete_checkpoint, run_cli, run_signature, setup_logging
+from utils.runs import claim_output_dir, last_complete_checkpoint, remove_checkpoints, run_cli, run_signature, setup_logging
 from utils.structure import PRUNE_SCOPES, check_sparsity
 from utils.tickets import PruneSpec, mask_info
 from utils.training import CTCTrainer, HoldMaskCallback, remove_checkpoints_after_success, train_and_evaluate
@@ -130,8 +130,10 @@ def main():
     for r in range(imp_args.rounds + 1):
         round_dir = imp_round_dir(output, r)
         level = levels[r - 1] if r else 0.0
-        if (round_dir / IMP_ROUND_FILE).is_file():  # finished in an earlier run
+        if (round_dir / IMP_ROUND_FILE).is_file():  # finished in an earlier run (killed, perhaps, before removing its checkpoints)
             mask = Mask.read(round_dir / MASK_FILE).bools() if r else None
+            if not training_args.keep_checkpoints and training_args.process_index == 0:
+                remove_checkpoints(str(round_dir))
             logger.info("round %d: finished earlier (sparsity %.4f)", r, level)
             continue
         round_started = time.time()
@@ -169,13 +171,14 @@ def main():
             logger.info("round %d (sparsity %.4f, %d of %d kept): eval CER %.4f, test CER %.4f", r, level, kept, total, metrics["eval_cer"], metrics["test_cer"])
         remove_checkpoints_after_success(trainer)
 
-    # 5. Every round's record, as a table.
-    print("round  sparsity  kept       eval_cer  test_cer")
-    for r in range(imp_args.rounds + 1):
-        record = ImpRound.read(imp_round_dir(output, r) / IMP_ROUND_FILE)
-        print(f"{record.round:5d}  {record.sparsity:.4f}    {record.kept:<9d}  {record.eval_cer:.4f}    {record.test_cer:.4f}")
-    for sparsity, out in tickets.items():
-        print(f"ticket sparsity={sparsity:.2f} -> {out}")
+    # 5. Every round's record, as a table (the main process wrote them).
+    if training_args.process_index == 0:
+        print("round  sparsity  kept       eval_cer  test_cer")
+        for r in range(imp_args.rounds + 1):
+            record = ImpRound.read(imp_round_dir(output, r) / IMP_ROUND_FILE)
+            print(f"{record.round:5d}  {record.sparsity:.4f}    {record.kept:<9d}  {record.eval_cer:.4f}    {record.test_cer:.4f}")
+        for sparsity, out in tickets.items():
+            print(f"ticket sparsity={sparsity:.2f} -> {out}")
     logger.info("IMP done in %.1f s", time.time() - started)
 
 

@@ -121,9 +121,11 @@ def test_a_run_killed_after_round_two_resumes_at_round_three(imp_run, corpus_dir
     shutil.copytree(imp_run, resumed)
     shutil.rmtree(imp_round_dir(resumed, 3))  # what a kill between rounds 2 and 3 leaves
     shutil.rmtree(resumed / "sparsity-0.70")
+    (imp_round_dir(resumed, 1) / "checkpoint-6").mkdir()  # a run killed after recording round 1, before removing its checkpoints
     before = {r: (imp_round_dir(resumed, r) / IMP_ROUND_FILE).stat().st_mtime_ns for r in range(3)}
     assert run_in_process("run_imp.py", imp_args(corpus_dir, resumed, "--rewind_step", "2")) == 0
     assert before == {r: (imp_round_dir(resumed, r) / IMP_ROUND_FILE).stat().st_mtime_ns for r in range(3)}  # not run again
+    assert not (imp_round_dir(resumed, 1) / "checkpoint-6").exists()
     for r in (3,):
         assert Mask.read(imp_round_dir(resumed, r) / MASK_FILE).metadata["sha256"] == Mask.read(imp_round_dir(imp_run, r) / MASK_FILE).metadata["sha256"]
         ours, theirs = (json.loads((imp_round_dir(d, r) / IMP_ROUND_FILE).read_text()) for d in (resumed, imp_run))
