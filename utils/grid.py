@@ -44,7 +44,7 @@ from .layout import (IOU_FILE, MASK_FILE, ONE_SHOT, RESULTS_FILE, TRAINER_RESULT
 from .mixture import parse_mixture
 from .records import ImpRound, IoUSummary, StepRecord, StudyResults, TransferResult
 from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
-from .structure import FINDING_METHODS, check_sparsity
+from .structure import FINDING_METHODS, check_sparsity, method_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -488,11 +488,6 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayo
         makers = [ticket_steps[(method, up, s)] for method in config.methods for up in config.upstream]
         p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, makers + ([prune_step_id(seed, "base", s, prefix)] if config.prune_base else []))
-
-
-def method_label(method: str, language: str) -> str:
-    """A ticket's label in the methods' IoU: ``imp:en``."""
-    return f"{method}:{language}"
 
 
 def _plan_other_methods(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayout, prefix: str, seed: int, base: str,

@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .errors import UsageError
 from .iou import chance_corrected
 from .layout import ONE_SHOT
+from .structure import split_method_label
 from .records import StudyResults
 from .runs import atomic_open
 from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm_marks, mean_interval, rate_interval
@@ -499,11 +500,6 @@ def methods_transfer_table(method_rows: dict[str, list[dict]], sparsity: float, 
     return markdown_table(header, table) + (f"\n\n{line}" if line else ""), numbers
 
 
-def _method_of(label: str) -> tuple[str, str]:
-    method, _, language = label.partition(":")
-    return (method, language) if language else ("", label)
-
-
 def methods_iou_tables(iou: dict, methods: list[str]) -> tuple[str, dict]:
     """From the IoU of every method's ticket of every language (seed by seed): per language, how
     much the methods' tickets agree; per method, how much different languages' tickets overlap (is
@@ -514,7 +510,7 @@ def methods_iou_tables(iou: dict, methods: list[str]) -> tuple[str, dict]:
     base: dict[str, list[dict]] = defaultdict(list)
     for summary in per_seed:
         for row in summary["pairs"]:
-            (ma, la), (mb, lb) = _method_of(row["a"]), _method_of(row["b"])
+            (ma, la), (mb, lb) = split_method_label(row["a"]), split_method_label(row["b"])
             if "base" in (row["a"], row["b"]):
                 base[ma or mb].append(row)
             elif la == lb:

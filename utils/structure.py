@@ -249,9 +249,15 @@ FINDING_METHODS = {
 }
 
 
-def finding_method(mask_method: str) -> str:
-    """The finding method (a key of ``FINDING_METHODS``) of a mask's recorded ``method``."""
-    return mask_method if mask_method in FINDING_METHODS else ONE_SHOT
+def method_label(method: str, language: str) -> str:
+    """A ticket's label where several methods' tickets are compared (run_iou.py): ``imp:en``."""
+    return f"{method}:{language}"
+
+
+def split_method_label(label: str) -> tuple[str, str]:
+    """``(method, language)`` of a ``method_label``; ``("", label)`` for a plain label (``base``)."""
+    method, _, language = label.partition(":")
+    return (method, language) if language else ("", label)
 
 
 def check_sparsity(sparsity: float) -> float:
