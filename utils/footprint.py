@@ -84,22 +84,25 @@ def study_footprint(config: StudyConfig, steps: list[Step], size_of: Callable[[s
 
 
 def _imp_rounds(step: Step) -> int:
-    from dataclasses import fields
-
     from .arguments import ImpArguments
 
-    return int(step.settings.get("rounds") or next(f.default for f in fields(ImpArguments) if f.name == "rounds"))
+    return int(step.settings.get("rounds") or _default(ImpArguments, "rounds"))
 
 
 def _default_save_total_limit(pretraining: bool) -> int:
     """The checkpoints a training script keeps unless told otherwise (its arguments' default)."""
-    from dataclasses import fields
-
     if pretraining:
         from .pretraining import PretrainingArguments as arguments
     else:
         from .training import CTCTrainingArguments as arguments
-    return next(f.default for f in fields(arguments) if f.name == "save_total_limit")
+    return _default(arguments, "save_total_limit")
+
+
+def _default(arguments: type, name: str):
+    """A script flag's default, read from its argument dataclass rather than spelled again."""
+    from dataclasses import fields
+
+    return next(f.default for f in fields(arguments) if f.name == name)
 
 
 def human(size: float) -> str:

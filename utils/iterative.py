@@ -17,6 +17,7 @@ from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE
 from transformers import TrainerCallback, TrainingArguments
 
 from .errors import UsageError
+from .runs import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,8 @@ def save_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     """Every weight of ``model`` (its state dict) to ``folder/model.safetensors``, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(folder) / SAFETENSORS_SINGLE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_open(Path(folder) / SAFETENSORS_SINGLE_FILE, "wb") as f:  # safetensors writes the temporary by its name
+        save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, f.name)
 
 
 def has_weights(folder: str | os.PathLike) -> bool:

@@ -32,10 +32,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from .errors import UsageError
 from .iou import chance_corrected
 from .layout import ONE_SHOT
-from .structure import split_method_label
 from .records import StudyResults
 from .runs import atomic_open
 from .stats import ALPHA, CONFIDENCE, N_RESAMPLES, SEED, Interval, Rates, cell_interval, detectable_line, difference_interval, holm_marks, mean_interval, rate_interval
+from .structure import split_method_label
 
 RESULT_COLUMNS = ["upstream", "downstream", "sparsity", "seed", "prune_method", "test_cer", "test_cer_low", "test_cer_high", "test_wer", "test_samples", "eval_loss",
                   "measured_sparsity", "mask_held", "epochs", "steps", "ticket", "wall_time_s", "suite_version"]
@@ -473,8 +473,8 @@ def methods_transfer_table(method_rows: dict[str, list[dict]], sparsity: float, 
         for u in upstreams:
             for d in downstreams:
                 if (u, d) in rates[m] and (u, d) in rates[ONE_SHOT]:
-                    family[f"{m}-{ONE_SHOT}:{u}->{d}"] = difference_interval({d: rates[m][(u, d)]}, {d: rates[ONE_SHOT][(u, d)]})
-                    spreads[f"{m}-{ONE_SHOT}:{u}->{d}"] = per_seed_difference(rates[m][(u, d)], rates[ONE_SHOT][(u, d)])
+                    name, mine, theirs = f"{m}-{ONE_SHOT}:{u}->{d}", rates[m][(u, d)], rates[ONE_SHOT][(u, d)]
+                    family[name], spreads[name] = difference_interval({d: mine}, {d: theirs}), per_seed_difference(mine, theirs)
             shared = [d for d in downstreams if d != u and (u, d) in rates[m] and (u, d) in rates[ONE_SHOT]]
             if len(shared) > 1:
                 family[f"{m}-{ONE_SHOT}:{u}->avg"] = difference_interval({d: rates[m][(u, d)] for d in shared}, {d: rates[ONE_SHOT][(u, d)] for d in shared})
@@ -500,7 +500,7 @@ def methods_transfer_table(method_rows: dict[str, list[dict]], sparsity: float, 
     return markdown_table(header, table) + (f"\n\n{line}" if line else ""), numbers
 
 
-def methods_iou_tables(iou: dict, methods: list[str]) -> tuple[str, dict]:
+def methods_iou_tables(iou: dict, methods: list[str]) -> tuple[str, str, dict]:
     """From the IoU of every method's ticket of every language (seed by seed): per language, how
     much the methods' tickets agree; per method, how much different languages' tickets overlap (is
     language-specificity a property of the method?) and how much each overlaps the one-shot base."""
