@@ -204,12 +204,39 @@ class IoUArguments:
     base: Optional[str] = field(default=None, metadata={"help": "The base model's mask at the same sparsity (labelled 'base')."})
 
 
-SCRIPTS = ("run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_pretrain.py", "run_imp.py")
+ANALYSES = ("ablation", "cka", "probes", "phones")
+
+
+@dataclass
+class AnalysisArguments:
+    """run_analysis.py: which tickets and models, which analyses, how many control draws and probe runs."""
+
+    tickets: list[str] = field(metadata={"help": "LABEL=TICKET_DIR of every ticket compared (one sparsity, one model), e.g. en=tickets/en/sparsity-0.90; 'base' for the pruned base."})
+    transfers: list[str] = field(default_factory=list, metadata={
+        "help": "UP-DOWN=DIR: ticket UP fine-tuned on DOWN (run_transfer.py output), in which the ablation zeroes UP's weights the other tickets prune and tests on DOWN."})
+    upstream_models: list[str] = field(default_factory=list, metadata={"help": "LABEL=DIR: the dense fine-tuned model each ticket was pruned from (CKA ticket vs upstream; probes)."})
+    base_model: Optional[str] = field(default=None, metadata={"help": "The pretrained base (CKA ticket vs base; probes)."})
+    languages: list[str] = field(default_factory=list, metadata={"help": "Test sets of CKA and the language-ID probe (default: every language of --tickets and --transfers)."})
+    analyses: list[str] = field(default_factory=lambda: list(ANALYSES[:3]), metadata={
+        "help": f"Which of {', '.join(ANALYSES)} to run (phones: a frame-level phone probe, needing phone timings: the generated corpus makes them)."})
+    control_seeds: int = field(default=3, metadata={"help": "Random-control draws per ablation (each as many of the ticket's kept weights per tensor)."})
+    ablation_groups: bool = field(default=True, metadata={"help": "Also ablate per encoder layer and per module type."})
+    layers: Optional[list[int]] = field(default=None, metadata={"help": "Layers of CKA and probes (0 = the encoder's input; default: all)."})
+    frames_per_utterance: int = field(default=50, metadata={"help": "Frames per utterance in frame-level CKA and the phone probe (evenly spaced)."})
+    probe_seeds: int = field(default=3, metadata={"help": "Repetitions of the probes' cross-validation."})
+    probe_folds: int = field(default=5, metadata={"help": "Folds of the probes' stratified cross-validation."})
+
+
+SCRIPTS = ("run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_pretrain.py", "run_imp.py", "run_analysis.py")
 
 
 def script_arguments(script: str) -> tuple[type, ...]:
     """The dataclasses ``script`` parses. The training scripts' include transformers'
     ``TrainingArguments`` (which imports torch), so they are imported only when asked for."""
+    if script == "run_analysis.py":
+        from .training import CTCTrainingArguments
+
+        return (AnalysisArguments, DataArguments, CTCTrainingArguments)
     if script in ("run_finetune.py", "run_transfer.py", "run_imp.py"):
         from .training import CTCTrainingArguments
 

@@ -73,21 +73,30 @@ def _sentences(rng: random.Random, words: list[str], count: int, exclude: set[st
     return sentences
 
 
-def synthesize(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
-    """Speak ``text`` with espeak-ng, resample to 16 kHz, trim silent edges, write 16-bit PCM."""
+def speak(text: str, voice: str, speed: int, pitch: int, raw_wav: str) -> None:
+    """espeak-ng's own output for one clip (22,050 Hz WAV)."""
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw_wav, text], check=True, capture_output=True)
+
+
+def trimmed_clip(raw_wav: str) -> tuple[np.ndarray, int]:
+    """espeak-ng's output resampled to 16 kHz with its silent edges trimmed (a short pad kept), and
+    where the clip starts in the resampled audio (in samples)."""
     from torchcodec.decoders import AudioDecoder
 
-    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-        subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", raw.name, text],
-            check=True,
-            capture_output=True,
-        )
-        audio = AudioDecoder(raw.name, sample_rate=SAMPLING_RATE).get_all_samples().data[0].numpy()
+    audio = AudioDecoder(raw_wav, sample_rate=SAMPLING_RATE).get_all_samples().data[0].numpy()
     loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD * max(np.abs(audio).max(), 1e-9))
     pad = int(EDGE_PAD_SECONDS * SAMPLING_RATE)
-    if loud.size:
-        audio = audio[max(0, loud[0] - pad) : loud[-1] + pad]
+    if not loud.size:
+        return audio, 0
+    start = max(0, loud[0] - pad)
+    return audio[start : loud[-1] + pad], int(start)
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int, path: Path) -> None:
+    """Speak ``text`` with espeak-ng, resample to 16 kHz, trim silent edges, write 16-bit PCM."""
+    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
+        speak(text, voice, speed, pitch, raw.name)
+        audio, _ = trimmed_clip(raw.name)
     sf.write(path, audio, SAMPLING_RATE, subtype="PCM_16")
 
 

@@ -4,6 +4,7 @@ spelled. Scripts write, and the grid and reports read, through these names.
     <tickets_dir>/<upstream|base>/sparsity-0.80/           a ticket (run_prune.py): model, mask.safetensors, card
     <output_dir>/results.json                              run_transfer.py's TransferResult
     <output_dir>/iou.json                                  run_iou.py's IoUSummary
+    <output_dir>/analysis.json                             run_analysis.py's AnalysisSummary
     <output_dir>/round-<r>/                                run_imp.py's round r: model, mask.safetensors, round.json
     <output_dir>/rewind/                                   run_imp.py's rewind point (model.safetensors)
 
@@ -17,6 +18,7 @@ A study (``run_grid.py``) under its output directory, per base ``base-<name>/`` 
     seed-<seed>/transfer/<upstream>-<downstream>/sparsity-0.80/   (transfer-imp/, transfer-parp/)
     seed-<seed>/iou/sparsity-0.80/
     seed-<seed>/iou-methods/sparsity-0.80/                 every method's tickets (two methods or more)
+    seed-<seed>/analysis/sparsity-0.80/                    ablation, CKA and probes of the tickets (``analysis:``)
     iou-seeds/sparsity-0.80/                               every ticket of every seed (two seeds or more)
     steps/, logs/                                          each step's record and log
     REPORT.md, results.csv, figures/
@@ -30,6 +32,7 @@ from typing import Optional
 
 RESULTS_FILE = "results.json"
 IOU_FILE = "iou.json"
+ANALYSIS_FILE = "analysis.json"
 MASK_FILE = "mask.safetensors"  # a ticket's mask (format in utils/masks.py)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 IMP_ROUND_FILE = "round.json"  # run_imp.py's ImpRound, written last: a round folder without it is unfinished
@@ -111,6 +114,9 @@ class StudyLayout:
 
     def iou(self, seed: int, sparsity: float) -> Path:
         return self.seed(seed) / "iou" / sparsity_dirname(sparsity)
+
+    def analysis(self, seed: int, sparsity: float) -> Path:
+        return self.seed(seed) / "analysis" / sparsity_dirname(sparsity)
 
     def seeds_iou(self, sparsity: float) -> Path:
         return self.root / "iou-seeds" / sparsity_dirname(sparsity)

@@ -1,6 +1,7 @@
 """The records one step writes and another reads, as typed records shared by writer and reader:
 ``TransferResult`` (run_transfer.py's ``results.json``: one cell of the study's grid),
-``ImpRound`` (each round of run_imp.py), ``IoUSummary`` (run_iou.py's ``iou.json``) and ``StepRecord`` (the grid's record of each step it
+``ImpRound`` (each round of run_imp.py), ``IoUSummary`` (run_iou.py's ``iou.json``),
+``AnalysisSummary`` (run_analysis.py's ``analysis.json``) and ``StepRecord`` (the grid's record of each step it
 ran). Each is written atomically and read back checked: a file missing a field, or holding one the
 record does not know, is refused in one line naming the file and the fields."""
 
@@ -126,6 +127,25 @@ class IoUSummary(_Record):
     pairs: list[dict]
     layers: list[dict]
     suite_version: Optional[str] = None  # language-tickets' version (None in summaries written before 0.9.0)
+
+
+@dataclass
+class AnalysisSummary(_Record):
+    """What run_analysis.py measured on the tickets of one sparsity (and study seed). Ablation rows
+    keep each utterance's edit counts (``edits``, ``lengths``: the report's intervals pair them by
+    utterance); CKA rows one value per (language, model pair, layer); probe rows the accuracy of each
+    (seed, fold) and of its shuffled-label control."""
+
+    sparsity: float
+    seed: int
+    tickets: dict[str, str]
+    analyses: list[str]
+    layers: list[int]
+    ablation: list[dict]
+    cka: list[dict]
+    probes: list[dict]
+    probe_folds: int
+    suite_version: str
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Optional
 
 from .errors import UsageError
 from .layout import ONE_SHOT
+from .text import SAMPLING_RATE
 
 # Feed-forward and self-attention as wav2vec2-style encoder layers name them, in the order the
 # model's ``named_parameters()`` lists them (the tie rule's order, kept when pruning from files).
@@ -194,6 +195,13 @@ def frames_for_samples(config, num_samples: int) -> int:
     fbank = 1 + (num_samples - _FBANK_WINDOW) // _FBANK_HOP if num_samples >= _FBANK_WINDOW else 0
     stacked = math.ceil(fbank / 2)  # the extractor pads to a multiple of its stride (2) and stacks pairs
     return _adapter_frames(config, stacked) if stacked else 0
+
+
+def frame_hop_seconds(config) -> float:
+    """Seconds between two output frames of the encoder (20 ms for every supported family)."""
+    if family_of(config).feature_encoder is not None:
+        return math.prod(config.conv_stride) / SAMPLING_RATE
+    return 2 * _FBANK_HOP / SAMPLING_RATE  # the extractor stacks pairs of 10 ms filterbank frames
 
 
 def receptive_field(config) -> int:
