@@ -27,7 +27,6 @@ sampling only: run_grid.py's report pools a study's seeds) with ``cka.png`` and 
 Typological distances are compared with a whole study's numbers in run_grid.py's report.
 """
 
-import csv
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -51,6 +50,7 @@ from utils.phones import PAUSE, add_phone_timings, frame_labels, read_phone_timi
 from utils.probes import chance, common_labels, probe_accuracies
 from utils.pruning import check_mask_fits
 from utils.records import AnalysisSummary, TransferResult
+from utils.report import write_csv_atomic
 from utils.representations import check_layers, layer_states, linear_cka
 from utils.runs import atomic_open, claim_output_dir, run_cli, run_signature, setup_logging
 from utils.structure import frame_hop_seconds, front_end_key
@@ -58,6 +58,9 @@ from utils.training import CTCTrainer
 
 logger = logging.getLogger(__name__)
 ABLATED = "ablated"  # the metric prefix (and predictions file) of every evaluation with weights zeroed
+ABLATION_COLUMNS = ["upstream", "downstream", "versus", "condition", "group", "control_seed", "zeroed", "kept", "cer", "loss"]
+CKA_COLUMNS = ["language", "kind", "a", "b", "layer", "cka"]
+PROBE_COLUMNS = ["task", "language", "model", "layer", "accuracy", "control", "chance"]
 
 
 def labelled(items: list[str], flag: str) -> dict[str, str]:
@@ -212,14 +215,6 @@ def phone_probes(states: dict, timings: dict[str, list], ids: list[str], hop: fl
     return rows
 
 
-def write_csv(path: Path, rows: list[dict], drop: tuple[str, ...] = ()) -> None:
-    columns = [k for k in (rows[0] if rows else {}) if k not in drop]
-    with atomic_open(path) as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main():
     # 1. Arguments: the tickets, the models to analyse, the analyses, data flags, evaluation flags.
     args, data_args, training_args = parse_arguments("run_analysis.py", __doc__)
@@ -268,15 +263,15 @@ def main():
     summary = AnalysisSummary(sparsity, training_args.seed, tickets, list(args.analyses), layers, ablation_rows, cka_rows, probe_rows,
                               args.probe_folds, __version__)
     summary.write(out / ANALYSIS_FILE)
-    write_csv(out / "ablation.csv", ablation_rows, drop=("edits", "lengths", "ids"))
-    write_csv(out / "cka.csv", cka_rows)
-    write_csv(out / "probes.csv", [{k: v for k, v in r.items() if k not in ("accuracies", "control")} | {"accuracy": float(np.mean(r["accuracies"])),
-                                    "control": float(np.mean(r["control"]))} for r in probe_rows])
+    write_csv_atomic(out / "ablation.csv", ablation_rows, ABLATION_COLUMNS)
+    write_csv_atomic(out / "cka.csv", cka_rows, CKA_COLUMNS)
+    write_csv_atomic(out / "probes.csv", [r | {"accuracy": float(np.mean(r["accuracies"])), "control": float(np.mean(r["control"]))} for r in probe_rows],
+                     PROBE_COLUMNS)
     parts = [f"# Analysis of the tickets at {sparsity:.0%} sparsity (seed {training_args.seed})\n"]
     if ablation_rows:
         parts.append("## Ablation\n\n" + ablation_markdown([summary.to_dict()])[0] + "\n")
     if cka_rows:
-        parts.append("## Representational similarity\n\n" + cka_markdown([summary.to_dict()], out / "cka.png", "cka.png") + "\n")
+        parts.append("## Representational similarity\n\n" + cka_markdown([summary.to_dict()], out, "") + "\n")
     if probe_rows:
         parts.append("## Probes\n\n" + probes_markdown([summary.to_dict()], out, "") + "\n")
     with atomic_open(out / "ANALYSIS.md") as f:

@@ -33,7 +33,7 @@ from pathlib import Path
 from utils.arguments import DataArguments, flag_names
 from utils.errors import UsageError
 from utils.executors import EXECUTORS, LIVE_STATES, cancel_slurm, check_local, local_gpu_count, read_record, run_local, slurm_executor, slurm_jobs, submit_slurm
-from utils.grid import StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_record_path, step_states, step_status, sub_studies
+from utils.grid import TYPOLOGY, StepFailed, collect, job_spec, load_config, move_aside, plan, publish, report_step, step_log_path, step_record_path, step_states, step_status, sub_studies
 from utils.records import TransferResult
 from utils.runs import lock_folder, run_cli
 
@@ -49,8 +49,9 @@ def check_flags(config) -> None:
         "transfer": flag_names("run_transfer.py"),
         "imp": flag_names("run_imp.py"),
         "parp": flag_names("run_finetune.py"),
+        "analysis": flag_names("run_analysis.py") | {TYPOLOGY},
     }
-    sections = {section: (getattr(config, section), valid) for section, valid in allowed.items()}
+    sections = {section: (getattr(config, section) or {}, valid) for section, valid in allowed.items()}
     if "imp" in config.methods:  # run_imp.py's rounds are fine-tunes with the finetune flags
         sections["finetune (used by imp)"] = (config.finetune, allowed["finetune"] & allowed["imp"])
     sections |= {f"bases.{name}": (settings, allowed["ssl_pretrain"]) for name, settings in config.bases.items() if "mixture" in settings}  # overrides ssl_pretrain flags
@@ -64,6 +65,7 @@ def aggregate(config, steps) -> Path:
     """Every transfer result in one table (with its interval), and the report; with several bases,
     each base's own report and the comparison of the bases above them."""
     from utils.bases import write_comparison  # matplotlib and scipy: only once there is a report to write
+    from utils.analysis import analysis_markdown
     from utils.report import RESULT_COLUMNS, result_rows, write_csv_atomic, write_report
 
     upstreams = config.upstream + (["base"] if config.transfer_base and config.prune_base else [])
@@ -74,7 +76,8 @@ def aggregate(config, steps) -> Path:
         csv_rows = result_rows(every_method)  # each with its bootstrap interval: computed once
         write_csv_atomic(folder / "results.csv", csv_rows, RESULT_COLUMNS)
         title = f"Study: {config.name}" + (f", base {name}" if name else "")
-        report = write_report(folder, results, upstreams, config.downstream, title, config.note)
+        sections = [analysis_markdown(results, upstreams, config.downstream, folder / "figures", config.analysis.get(TYPOLOGY, True))] if config.analysis is not None else []
+        report = write_report(folder, results, upstreams, config.downstream, title, config.note, sections)
         per_base[name] = results
         table += [row | {"base": name} for row in csv_rows]
     if not config.bases:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import UsageError
 from .probes import accuracy_interval
+from .records import StudyResults
 from .report import fmt_difference, markdown_table, pct, save_figure
 from .stats import ALPHA, Interval, Rates, cell_interval, combination_interval, detectable_line, difference_interval, holm, holm_marks
 from .typology import DISTANCES, distance_matrix, language_pairs, permutation_correlation, transfer_cells
@@ -159,15 +160,15 @@ def cka_table(summaries: Sequence[dict]) -> dict[tuple[str, str, str], dict[int,
     return table
 
 
-def cka_markdown(summaries: Sequence[dict], figure: Path, link: str) -> str:
+def cka_markdown(summaries: Sequence[dict], figures: Path, link_prefix: str, tag: str = "") -> str:
     table = cka_table(summaries)
     layers = sorted({layer for per_layer in table.values() for layer in per_layer})
     rows = [[kind, f"{a} – {b}"] + [_spread(per_layer.get(layer, [])) for layer in layers] for (kind, a, b), per_layer in sorted(table.items())]
     plot_layers({f"{a} – {b}": {layer: mean(v) for layer, v in per_layer.items()} for (_, a, b), per_layer in sorted(table.items())},
-                "linear CKA", "Representational similarity per layer", figure)
+                "linear CKA", "Representational similarity per layer", figures / f"cka{tag}.png")
     return ("Linear CKA (Kornblith et al., 2019) between two models' hidden states on the same frames of the same test utterances, "
             "per layer (0: the encoder's input), mean [min, max] over test languages and seeds; 1: the same representation up to rotation "
-            f"and scale.\n\n{markdown_table(['pair', 'models'] + [f'layer {layer}' for layer in layers], rows)}\n\n![CKA per layer]({link})")
+            f"and scale.\n\n{markdown_table(['pair', 'models'] + [f'layer {layer}' for layer in layers], rows)}\n\n![CKA per layer]({link_prefix}cka{tag}.png)")
 
 
 def _spread(values: list[float]) -> str:
@@ -184,7 +185,7 @@ PROBE_TASKS = {
 }
 
 
-def probes_markdown(summaries: Sequence[dict], figures: Path, link_prefix: str) -> str:
+def probes_markdown(summaries: Sequence[dict], figures: Path, link_prefix: str, tag: str = "") -> str:
     """One table and figure per probe task: accuracy per model and layer with its interval, beside
     the shuffled-label control; accuracies of every study seed, probe seed, fold (and language) pooled."""
     folds = summaries[0]["probe_folds"]
@@ -212,7 +213,7 @@ def probes_markdown(summaries: Sequence[dict], figures: Path, link_prefix: str) 
             rows += [line, control]
             curves[model] = {layer: mean(cell["accuracies"]) for layer, cell in per_layer.items()}
         chance = mean(c for per_layer in by_model.values() for cell in per_layer.values() for c in cell["chance"])
-        name = f"probes_{task}.png"
+        name = f"probes_{task}{tag}.png"
         plot_layers(curves, "probe accuracy", f"{task}: linear probe per layer", figures / name, chance)
         parts.append(f"{what}, over repeated stratified {folds}-fold cross-validation (probe seeds x folds, and the study's seeds), with a corrected "
                      f"resampled t interval (Nadeau and Bengio, 2003), beside the same probe trained on shuffled labels; {chance_is}: {pct(chance)}%.\n\n"
@@ -293,3 +294,28 @@ def _mean_cer(rows: Sequence[dict], sparsity: float) -> dict[tuple[str, str], fl
         if abs(r["sparsity"] - sparsity) < 1e-9:
             cells[(r["upstream"], r["downstream"])].append(r["test_cer"])
     return {k: mean(v) for k, v in cells.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The study report's sections
+
+
+def analysis_markdown(results: StudyResults, upstreams: Sequence[str], downstreams: Sequence[str], figures: Path, typology: bool = True) -> str:
+    """The report's sections on what the language-specific weights do: per sparsity the ablation,
+    CKA and probes of every seed's tickets pooled, then the typology of the transfer CER and IoU."""
+    parts = []
+    for s in sorted(results.analyses):
+        summaries = sorted(results.analyses[s], key=lambda summary: summary["seed"])
+        seeds = ", ".join(str(summary["seed"]) for summary in summaries)
+        tag = f"_{s:.2f}"
+        parts.append(f"## What the language-specific weights do at {s:.0%} sparsity\n\nrun_analysis.py on the one-shot tickets of seed(s) {seeds}.\n")
+        if any(summary["ablation"] for summary in summaries):
+            parts.append("### Ablation\n\n" + ablation_markdown(summaries)[0] + "\n")
+        if any(summary["cka"] for summary in summaries):
+            parts.append("### Representational similarity\n\n" + cka_markdown(summaries, figures, "figures/", tag) + "\n")
+        if any(summary["probes"] for summary in summaries):
+            parts.append("### Probes\n\n" + probes_markdown(summaries, figures, "figures/", tag) + "\n")
+    for s in sorted({r["sparsity"] for r in results.rows}) if typology else []:
+        text, _ = typology_markdown(results.rows, results.ious.get(s), s, upstreams, downstreams)
+        parts.append(f"## Typology at {s:.0%} sparsity\n\n{text}\n")
+    return "\n".join(parts)

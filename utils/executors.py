@@ -43,7 +43,7 @@ from .records import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "slurm")
-STEP_KINDS = ("corpus", "init", "pretrain", "finetune", "prune", "imp", "parp", "transfer", "iou", "report")
+STEP_KINDS = ("corpus", "init", "pretrain", "finetune", "prune", "imp", "parp", "transfer", "iou", "analysis", "report")
 TRAINING_KINDS = ("pretrain", "finetune", "imp", "parp", "transfer")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "additional")
 SIGNAL_AHEAD_S = 120  # SIGUSR1 this long before a Slurm job's time limit: time to finish a step and save

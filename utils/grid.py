@@ -39,10 +39,10 @@ from .arguments import GENERATED_CORPUS_DIR, fill_language
 from .errors import MissingInput, UsageError
 from .executors import LIVE_STATES, TRAINING_KINDS, JobSpec, Resources, launch_command, parse_resources, parse_slurm, read_record
 from .languages import resolve_language
-from .layout import (IOU_FILE, MASK_FILE, ONE_SHOT, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, has_local_config_only, imp_round_records,
+from .layout import (ANALYSIS_FILE, IOU_FILE, MASK_FILE, ONE_SHOT, RESULTS_FILE, TRAINER_RESULTS_FILE, StudyLayout, has_local_config_only, imp_round_records,
                      sparsity_dirname)
 from .mixture import parse_mixture
-from .records import ImpRound, IoUSummary, StepRecord, StudyResults, TransferResult
+from .records import AnalysisSummary, ImpRound, IoUSummary, StepRecord, StudyResults, TransferResult
 from .runs import RUNTIME_FIELDS, SECRET_FLAGS, first_difference, hide_token
 from .structure import FINDING_METHODS, check_sparsity, method_label
 
@@ -70,7 +70,12 @@ class StudyConfig:
     ``imp`` ones over them) and ``parp`` (run_finetune.py ``--parp_sparsity`` from the base, with the
     ``finetune`` flags and the ``parp`` ones over them). Every method's tickets are transferred to
     every downstream language and compared by IoU with the others'; ``oneshot`` is always one of
-    them, the reference the others are compared with."""
+    them, the reference the others are compared with.
+
+    ``analysis`` (any mapping, ``{}`` included, turns it on) runs run_analysis.py on each seed's
+    one-shot tickets at each sparsity, with these flags: the causal ablation in every transfer, CKA
+    and probes on every study language; the report then pools the seeds, and (``typology``, default
+    true) correlates the transfer CER and mask IoU with the languages' typological distances."""
 
     name: str
     output_dir: str
@@ -98,6 +103,7 @@ class StudyConfig:
     imp: dict[str, Any] = field(default_factory=dict)  # run_imp.py flags over finetune's (method imp)
     parp: dict[str, Any] = field(default_factory=dict)  # run_finetune.py PARP flags over finetune's (method parp)
     keep_checkpoints: bool = False  # training steps keep their Trainer checkpoints after succeeding (removed by default)
+    analysis: Optional[dict[str, Any]] = None  # run_analysis.py flags (and ``typology``): what the language-specific weights do
 
     def resources_of(self, kind: str) -> Resources:
         return self.resources.get(kind, Resources())
@@ -123,7 +129,8 @@ def _read_config(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return _read_config(parent_path, seen + (os.path.realpath(path),)) | raw
 
 
-FLAG_SECTIONS = ("data", "finetune", "prune", "transfer", "ctc_pretrain", "ssl_pretrain", "imp", "parp")  # flags handed to scripts
+FLAG_SECTIONS = ("data", "finetune", "prune", "transfer", "ctc_pretrain", "ssl_pretrain", "imp", "parp", "analysis")  # flags handed to scripts
+TYPOLOGY = "typology"  # the analysis section's one key that is no run_analysis.py flag: the report's typology section
 MIXTURE_KEY = "mixture"  # the one flag-section entry that is a mapping (ctc_pretrain, bases)
 
 
@@ -217,7 +224,8 @@ def load_config(path: str) -> StudyConfig:
     # A Hub token in a section goes to the environment the steps inherit, never into their
     # command lines, records or logs.
     bases = list(config.bases.values()) if isinstance(config.bases, dict) else []
-    for section in (config.data, config.finetune, config.prune, config.transfer, config.ctc_pretrain, config.ssl_pretrain, config.imp, config.parp, *bases):
+    for section in (config.data, config.finetune, config.prune, config.transfer, config.ctc_pretrain, config.ssl_pretrain, config.imp, config.parp,
+                    config.analysis, *bases):
         if isinstance(section, dict):
             for name in SECRET_FLAGS:
                 hide_token(section.pop(name, None))
@@ -242,6 +250,7 @@ def load_config(path: str) -> StudyConfig:
     if config.bases or config.ssl_pretrain or config.dominant:
         _check_bases(config)
     _check_methods(config)
+    _check_analysis(config)
     if config.data.get("dataset_name") == "generated":
         silent = [code for code in study_languages(config) if resolve_language(code).espeak_voice is None]
         if silent:
@@ -260,6 +269,12 @@ def _check_methods(config: StudyConfig) -> None:
     for method, flag in (("imp", "sparsity"), ("parp", "parp_sparsity")):
         if flag in getattr(config, method):
             raise UsageError(f"grid config {method}.{flag}: the study's sparsities are every method's; expected it only in sparsities")
+
+
+def _check_analysis(config: StudyConfig) -> None:
+    if config.analysis is not None and len(config.upstream) + config.prune_base < 2:
+        raise UsageError(f"grid config analysis compares tickets, and this study makes {len(config.upstream) + config.prune_base} per seed: "
+                         "expected two upstream languages, or one with prune_base: true")
 
 
 def _check_bases(config: StudyConfig) -> None:
@@ -479,6 +494,8 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayo
         settings = {"masks": masks, "output_dir": str(target)} | ({"base": str(layout.ticket(seed, "base", s))} if config.prune_base else {})
         p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, [prune_step_id(seed, label, s, prefix) for label in labels])
+    if config.analysis is not None:
+        _plan_analysis(p, config, layout, prefix, seed, base, base_step, sources)
     if len(config.methods) < 2:
         return
     for s in config.sparsities:  # every method's ticket of every language (and the one-shot base's): do the methods agree, per language?
@@ -488,6 +505,25 @@ def _plan_seed(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayo
         makers = [ticket_steps[(method, up, s)] for method in config.methods for up in config.upstream]
         p.add(layout.step_id(target, prefix), "iou", [*python, str(ROOT / "run_iou.py"), *_flags(settings)], target / IOU_FILE,
               settings, target, makers + ([prune_step_id(seed, "base", s, prefix)] if config.prune_base else []))
+
+
+def _plan_analysis(p: _Planner, config: StudyConfig, layout: StudyLayout, prefix: str, seed: int, base: str, base_step: Optional[str],
+                   sources: list[tuple[str, str, Optional[str]]]) -> None:
+    """run_analysis.py on one seed's one-shot tickets at each sparsity: the ablation in every
+    transfer, CKA and probes with the upstream models and the base, on every study language."""
+    flags = {k: v for k, v in config.analysis.items() if k != TYPOLOGY}
+    for s in config.sparsities:
+        target = layout.analysis(seed, s)
+        transfers = [(up, down) for up in config.upstream for down in config.downstream]
+        settings = {"tickets": [f"{label}={layout.ticket(seed, label, s)}" for label, _, _ in sources],
+                    "transfers": [f"{up}-{down}={layout.transfer(seed, up, down, s)}" for up, down in transfers],
+                    "upstream_models": [f"{up}={layout.finetune(seed, up)}" for up in config.upstream], "base_model": base,
+                    "languages": list(dict.fromkeys(config.upstream + config.downstream)), "output_dir": str(target), "seed": seed, **config.data, **flags}
+        needs = [base_step, *(layout.step_id(layout.finetune(seed, up), prefix) for up in config.upstream),
+                 *(prune_step_id(seed, label, s, prefix) for label, _, _ in sources),
+                 *(layout.step_id(layout.transfer(seed, up, down, s), prefix) for up, down in transfers)]
+        p.add(layout.step_id(target, prefix), "analysis", [sys.executable, str(ROOT / "run_analysis.py"), *_flags(settings)], target / ANALYSIS_FILE,
+              settings, target, needs)
 
 
 def _plan_other_methods(p: _Planner, config: StudyConfig, launch: dict, layout: StudyLayout, prefix: str, seed: int, base: str,
@@ -664,7 +700,7 @@ def _alive(pid: Any) -> bool:
 
 def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -> int:
     """Copy what the report reads (each finished transfer's and fine-tune's results and test
-    predictions, each IoU summary, each IMP round's record) from the study into ``target``, in the same layout, so the
+    predictions, each IoU summary, each IMP round's record, each analysis record) from the study into ``target``, in the same layout, so the
     report can be re-rendered there (``--report_only --output_dir target``). Returns the number of files."""
     import shutil
 
@@ -675,9 +711,9 @@ def publish(config: StudyConfig, steps: list[Step], target: str | os.PathLike) -
         raise UsageError(f"--publish {target}: expected a folder other than the study's own output_dir")
     count = 0
     for step in steps:
-        if step.kind not in ("transfer", "finetune", "iou", "imp") or not step.done.is_file():
+        if step.kind not in ("transfer", "finetune", "iou", "imp", "analysis") or not step.done.is_file():
             continue
-        files = imp_round_records(step.output) if step.kind == "imp" else [step.done] + ([predictions_path(step.output, "test")] if step.kind != "iou" else [])
+        files = imp_round_records(step.output) if step.kind == "imp" else [step.done] + ([predictions_path(step.output, "test")] if step.kind in ("transfer", "finetune") else [])
         for path in files:
             dest = target / Path(path).resolve().relative_to(source)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -696,6 +732,7 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
     planned, steps = steps, [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
     layout = StudyLayout(next(folder for _, folder, p in sub_studies(config) if p == prefix))
     rows, own, imp_rounds = [], [], []
+    analyses: dict[float, list[dict]] = {}
     by_method: dict[str, list[dict]] = {method: [] for method in config.methods}
     for step in steps:
         if step.kind == "transfer" and step.done.is_file():
@@ -710,6 +747,9 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
                 continue
             utterances = read_predictions(predictions_path(step.output, "test"), metrics["test_cer"], metrics["test_samples"])
             own.append({"upstream": step.settings["language"], "seed": step.settings["seed"], "test_cer": metrics["test_cer"], "utterances": utterances})
+        elif step.kind == "analysis" and step.done.is_file():
+            summary = AnalysisSummary.read(step.done)
+            analyses.setdefault(summary.sparsity, []).append(summary.to_dict())
         elif step.kind == "imp" and (records := imp_round_records(step.output)):  # the rounds finished so far (a published study has no ticket files)
             imp_rounds.append({"upstream": step.settings["language"], "seed": step.settings["seed"],
                                "rounds": [ImpRound.read(path).to_dict() for path in records]})
@@ -727,7 +767,7 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
             seed_ious[s] = IoUSummary.read(across[0].done).to_dict()
     ours = {st.id for st in steps}
     return StudyResults(rows, ious, seed_ious, own, config.shared_base, [m for m in missing_results(config, planned) if m[0] in ours],
-                        by_method if len(config.methods) > 1 else {}, method_ious, imp_rounds)
+                        by_method if len(config.methods) > 1 else {}, method_ious, imp_rounds, analyses)
 
 
 def _averaged(found: list[dict]) -> dict:

@@ -178,8 +178,8 @@ class StudyResults:
     transfer runs and upstream fine-tunes (each a dict with its per-utterance test rows under
     ``utterances``), IoU summaries per sparsity (matrices averaged over seeds, ``per_seed`` kept),
     the seed-to-seed IoU per sparsity, whether every seed started from one shared base, the
-    steps whose results are missing (step id, why), and with several ticket-finding methods each
-    one's transfer runs and the IoU of every method's tickets."""
+    steps whose results are missing (step id, why), with several ticket-finding methods each
+    one's transfer runs and the IoU of every method's tickets, and the analyses of the tickets."""
 
     rows: list[dict]
     ious: dict[float, dict]
@@ -190,3 +190,4 @@ class StudyResults:
     method_rows: dict[str, list[dict]] = field(default_factory=dict)  # with several methods: each one's transfer runs (one-shot's too)
     method_ious: dict[float, dict] = field(default_factory=dict)  # every method's tickets compared, per sparsity (matrices averaged over seeds)
     imp_rounds: list[dict] = field(default_factory=list)  # each IMP run: {"upstream", "seed", "rounds": [ImpRound as a dict, ...]}
+    analyses: dict[float, list[dict]] = field(default_factory=dict)  # run_analysis.py's AnalysisSummary (as a dict) of each seed, per sparsity

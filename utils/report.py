@@ -18,7 +18,7 @@ from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -570,9 +570,10 @@ def methods_markdown(results: StudyResults, sparsity: float, upstreams: list[str
 
 
 def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams: list[str], downstreams: list[str], title: str,
-                 note: Optional[str] = None) -> Path:
+                 note: Optional[str] = None, sections: Sequence[str] = ()) -> Path:
     """REPORT.md with the transfer tables per sparsity (intervals, paired comparisons), IoU
-    matrices, the seed-to-seed noise floor, and pictures in figures/."""
+    matrices, the seed-to-seed noise floor, pictures in figures/, and ``sections`` (markdown made
+    elsewhere, e.g. the analyses of ``utils.analysis``) at the end."""
     study_dir = Path(study_dir)
     figures = study_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -635,6 +636,7 @@ def write_report(study_dir: str | os.PathLike, results: StudyResults, upstreams:
         parts.append("## IMP's rounds\n\nEach round of iterative magnitude pruning (run_imp.py) on the upstream language: the sparsity it "
                      "fine-tuned at (round 0: dense) and the CER (%) of its kept checkpoint, mean [min, max] over seeds. Each requested "
                      "sparsity's ticket is the model of the round that trained at it.\n\n" + imp_rounds_markdown(results.imp_rounds) + "\n")
+    parts += [section for section in sections if section]
     path = study_dir / "REPORT.md"
     with atomic_open(path) as f:
         f.write("\n".join(parts))
