@@ -27,6 +27,7 @@ sampling only: run_grid.py's report pools a study's seeds) with ``cka.png`` and 
 Typological distances are compared with a whole study's numbers in run_grid.py's report.
 """
 
+import copy
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -76,7 +77,7 @@ def labelled(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def test_split(data_args, code: str, preprocessor, config):
+def evaluation_set(data_args, code: str, preprocessor, config):
     """``code``'s test split as model inputs (``{language}`` in a data flag filled with ``code``)."""
     language = resolve_language(code)
     filled = type(data_args)(**{k: fill_language(v, code, f"--{k}") if isinstance(v, str) else v for k, v in asdict(data_args).items()})
@@ -108,10 +109,11 @@ def ablate(up: str, down: str, folder: Path, masks: dict[str, Mask], keeps: dict
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForCTC.from_pretrained(folder)
     check_mask_fits(model, keeps[up])
-    test = test_split(data_args, down, processor, model.config)
+    test = evaluation_set(data_args, down, processor, model.config)
     scratch = out / "ablation" / f"{up}-{down}"
-    training_args.output_dir = str(scratch)
-    trainer = CTCTrainer(model=model, args=training_args, data_collator=DataCollatorCTCWithPadding(processor), eval_dataset=test, processing_class=processor)
+    evaluation = copy.copy(training_args)
+    evaluation.output_dir = str(scratch)
+    trainer = CTCTrainer(model=model, args=evaluation, data_collator=DataCollatorCTCWithPadding(processor), eval_dataset=test, processing_class=processor)
 
     def score(prefix: str) -> tuple[list, float]:
         """The per-utterance rows and the mean CTC loss (more sensitive than CER when a model is weak)."""
@@ -167,7 +169,7 @@ def representations(models: dict[str, str], tickets: dict[str, str], languages: 
     hop = frame_hop_seconds(configs[first])
     cka_rows, probe_rows, pooled = [], [], {label: {} for label in models}
     for code in languages:
-        test = test_split(data_args, code, extractor, configs[first])
+        test = evaluation_set(data_args, code, extractor, configs[first])
         timings = phone_timings(data_args, code) if "phones" in args.analyses else {}
         states = {}
         for label, path in models.items():
@@ -251,7 +253,6 @@ def main():
     ablation_rows = []
     for (up, down), folder in transfers.items() if "ablation" in args.analyses else []:
         ablation_rows += ablate(up, down, folder, masks, keeps, args, data_args, training_args, out)
-    training_args.output_dir = str(out)
 
     # 4. Hidden states: CKA between models, language-ID probes per layer.
     layers, cka_rows, probe_rows = [], [], []

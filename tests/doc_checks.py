@@ -17,7 +17,7 @@ from markdown_it import MarkdownIt
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_INFOS = {"", "bash", "sh", "shell", "console"}
 CODE_COMMENT_INFOS = {"bash", "sh", "shell", "console", "python", "yaml", "toml", "bibtex"}  # '#' starts a comment there
-SCRIPTS = ("run_pretrain.py", "run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_imp.py", "run_grid.py")
+SCRIPTS = ("run_pretrain.py", "run_finetune.py", "run_prune.py", "run_transfer.py", "run_iou.py", "run_imp.py", "run_analysis.py", "run_grid.py")
 _PARSER = MarkdownIt("commonmark").enable("table")
 
 

@@ -7,6 +7,7 @@ zeroing nothing reproduces the transfer's own predictions byte for byte."""
 
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,64 @@ def test_bad_analysis_input_is_one_line(analysed, tmp_path, capsys):
     wrong = [a.replace(f"en-ca={root / 'en-ca'}", f"en-en={root / 'en-ca'}") for a in bad]
     assert run_in_process("run_analysis.py", wrong) == 2
     assert "expected the en ticket given in --tickets fine-tuned on en" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# In a study
+
+
+def analysis_study(tmp_path, name="study.yaml", **overrides):
+    import yaml
+
+    from tests.conftest import study_config
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study_config(tmp_path, **({"upstream": ["en", "de"], "downstream": ["en", "ca"], "seeds": [0],
+                                                               "analysis": {"control_seeds": 2, "typology": False}} | overrides)), sort_keys=False))
+    return path
+
+
+def test_the_grid_plans_an_analysis_per_seed_and_sparsity_after_everything_it_reads(tmp_path):
+    from utils.grid import load_config, plan
+
+    steps = {st.id: st for st in plan(load_config(str(analysis_study(tmp_path))))}
+    step = steps["seed-0/analysis/sparsity-0.80"]
+    assert step.kind == "analysis" and step.argv[1].endswith("run_analysis.py")
+    assert [t.split("=")[0] for t in step.settings["tickets"]] == ["base", "en", "de"]
+    assert [t.split("=")[0] for t in step.settings["transfers"]] == ["en-en", "en-ca", "de-en", "de-ca"]
+    assert step.settings["control_seeds"] == 2 and "typology" not in step.settings and step.settings["languages"] == ["en", "de", "ca"]
+    made = {st.output: st.id for st in steps.values()}
+    for reference in step.settings["tickets"] + step.settings["transfers"] + step.settings["upstream_models"]:
+        assert made[Path(reference.split("=", 1)[1])] in step.needs  # it runs after every step whose output it reads
+    plain = {st.id: st.digest for st in plan(load_config(str(analysis_study(tmp_path, "plain.yaml", analysis=None))))}
+    assert set(steps) - set(plain) == {step.id} and all(steps[i].digest == d for i, d in plain.items())
+    with pytest.raises(UsageError, match="grid config analysis compares tickets, and this study makes 1 per seed"):
+        load_config(str(analysis_study(tmp_path, "one.yaml", upstream=["en"], prune_base=False)))
+
+
+def test_the_report_pools_the_seeds_and_the_typology_matches_numpy(analysed, tmp_path):
+    from utils.analysis import analysis_markdown, typology_markdown
+    from utils.records import StudyResults
+
+    root, _ = analysed
+    first = json.loads((root / "analysis" / "analysis.json").read_text())
+    second = json.loads(json.dumps(first)) | {"seed": 4}
+    results = StudyResults([], {}, {}, [], analyses={0.8: [first, second]})
+    text = analysis_markdown(results, ["en"], ["ca"], tmp_path / "figures")
+    assert "## What the language-specific weights do at 80% sparsity" in text and "seed(s) 4, 42" in text
+    assert (tmp_path / "figures" / "cka_0.80.png").is_file() and (tmp_path / "figures" / "probes_phones_0.80.png").is_file()
+    # Transfer CER and IoU of three upstream languages, against URIEL+'s distances computed here.
+    ups, downs = ["en", "de", "es"], ["en", "ca"]
+    rng = np.random.default_rng(0)
+    cer = {(u, d): float(rng.uniform(0.2, 0.6)) for u in ups for d in downs}
+    rows = [{"upstream": u, "downstream": d, "sparsity": 0.8, "seed": seed, "test_cer": c + 0.01 * seed} for (u, d), c in cer.items() for seed in (0, 1)]
+    iou = {"labels": ups, "matrix": [[1.0, 0.3, 0.5], [0.3, 1.0, 0.4], [0.5, 0.4, 1.0]]}
+    _, numbers = typology_markdown(rows, iou, 0.8, ups, downs)
+    languages = ["en", "de", "es", "ca"]
+    distances = distance_matrix(languages, "inventory")
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = np.corrcoef([iou["matrix"][i][j] for i, j in pairs], [distances[i, j] for i, j in pairs])[0, 1]
+    assert numbers["mask IoU:inventory"]["r"] == pytest.approx(expected) and numbers["mask IoU:inventory"]["pairs"] == 3
+    cells = [(u, d) for u in ups for d in downs if u != d]
+    expected = np.corrcoef([cer[c] + 0.005 for c in cells], [distances[languages.index(u), languages.index(d)] for u, d in cells])[0, 1]
+    assert numbers["transfer CER:inventory"]["r"] == pytest.approx(expected) and numbers["transfer CER:inventory"]["permutations"] == 6
