@@ -31,9 +31,9 @@ import copy
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCTC, AutoProcessor
 
 from utils import __version__
@@ -99,13 +99,27 @@ def phone_timings(data_args, code: str) -> dict[str, list]:
     return read_phone_timings(add_phone_timings(split).parent)
 
 
+def check_transfer(up: str, down: str, folder: Path, mask: Mask) -> None:
+    """The transfer must be UP's ticket (this very mask) fine-tuned on DOWN."""
+    result = TransferResult.read(folder / RESULTS_FILE)
+    if result.ticket_mask_sha256 != mask.metadata["sha256"] or result.downstream != down:
+        raise UsageError(f"--transfers {up}-{down}={folder} holds the transfer of ticket {result.ticket!r} to {result.downstream!r}: "
+                         f"expected the {up} ticket given in --tickets fine-tuned on {down}")
+
+
+def model_layers(models: dict[str, str], layers: Optional[list[int]]) -> tuple[dict, list[int]]:
+    """The models' configs (one family and size) and the layers asked for, each one they have."""
+    configs = {label: AutoConfig.from_pretrained(path) for label, path in models.items()}
+    first = next(iter(models))
+    for label, config in configs.items():
+        if front_end_key(config) != front_end_key(configs[first]) or config.num_hidden_layers != configs[first].num_hidden_layers:
+            raise UsageError(f"model {label} ({models[label]}) has another architecture than {first} ({models[first]}): expected models of one family and size")
+    return configs, check_layers(layers, configs[first].num_hidden_layers)
+
+
 def ablate(up: str, down: str, folder: Path, masks: dict[str, Mask], keeps: dict, args, data_args, training_args, out: Path) -> list[dict]:
     """Every ablation of one transfer: intact, then UP-only against each other ticket and its random
     controls, over all tensors and per group. Rows carry each utterance's edit counts."""
-    result = TransferResult.read(folder / RESULTS_FILE)
-    if result.ticket_mask_sha256 != masks[up].metadata["sha256"] or result.downstream != down:
-        raise UsageError(f"--transfers {up}-{down}={folder} holds the transfer of ticket {result.ticket!r} to {result.downstream!r}: "
-                         f"expected the {up} ticket given in --tickets fine-tuned on {down}")
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForCTC.from_pretrained(folder)
     check_mask_fits(model, keeps[up])
@@ -154,14 +168,10 @@ def ablate(up: str, down: str, folder: Path, masks: dict[str, Mask], keeps: dict
     return rows
 
 
-def representations(models: dict[str, str], tickets: dict[str, str], languages: list[str], args, data_args, device) -> tuple[list[int], list[dict], list[dict]]:
+def representations(models: dict[str, str], configs: dict, layers: list[int], tickets: dict[str, str], languages: list[str], args, data_args,
+                    device) -> tuple[list[dict], list[dict]]:
     """CKA rows per language, model pair and layer; probe rows per model and layer."""
-    configs = {label: AutoConfig.from_pretrained(path) for label, path in models.items()}
     first = next(iter(models))
-    for label, config in configs.items():
-        if front_end_key(config) != front_end_key(configs[first]) or config.num_hidden_layers != configs[first].num_hidden_layers:
-            raise UsageError(f"model {label} ({models[label]}) has another architecture than {first} ({models[first]}): expected models of one family and size")
-    layers = check_layers(args.layers, configs[first].num_hidden_layers)
     extractor = AutoFeatureExtractor.from_pretrained(models[first])
     pairs = [("ticket-ticket", f"ticket:{a}", f"ticket:{b}") for i, a in enumerate(tickets) for b in list(tickets)[i + 1 :]]
     pairs += [("ticket-upstream", f"ticket:{a}", f"upstream:{a}") for a in tickets if f"upstream:{a}" in models]
@@ -192,7 +202,7 @@ def representations(models: dict[str, str], tickets: dict[str, str], languages: 
             probe_rows.append({"task": "language", "language": None, "model": label, "layer": layer, "chance": chance(labels),
                                "accuracies": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds).tolist(),
                                "control": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds, shuffled=True).tolist()})
-    return layers, cka_rows, probe_rows
+    return cka_rows, probe_rows
 
 
 def phone_probes(states: dict, timings: dict[str, list], ids: list[str], hop: float, code: str, layers: list[int], args) -> list[dict]:
@@ -238,27 +248,30 @@ def main():
     upstream_models = labelled(args.upstream_models, "--upstream_models")
     languages = [resolve_language(code).code for code in args.languages] or list(dict.fromkeys(
         [label for label in tickets if label != "base"] + [down for _, down in transfers]))
-    claim_output_dir(training_args.output_dir, run_signature("run_analysis.py", args, data_args))
-    out = Path(training_args.output_dir)
 
-    # 2. The masks: one sparsity, one model family, the same tensors.
+    # 2. Before anything is written: the masks (one sparsity, one model family, the same tensors),
+    #    each transfer made from its ticket, the models' layers.
     masks = {label: Mask.load(path, label) for label, path in tickets.items()}
     first = next(iter(masks.values()))
     for mask in masks.values():
         check_comparable(first, mask)
-    keeps = {label: mask.bools() for label, mask in masks.items()}
     sparsity = first.metadata["sparsity"]
+    for (up, down), folder in transfers.items() if "ablation" in args.analyses else []:
+        check_transfer(up, down, folder, masks[up])
+    models = ({"base": args.base_model} if args.base_model else {}) | {f"upstream:{k}": v for k, v in upstream_models.items()} | {f"ticket:{k}": v for k, v in tickets.items()}
+    hidden = bool({"cka", "probes", "phones"} & set(args.analyses))
+    configs, layers = model_layers(models, args.layers) if hidden else ({}, [])
+    claim_output_dir(training_args.output_dir, run_signature("run_analysis.py", args, data_args))
+    out = Path(training_args.output_dir)
+    keeps = {label: mask.bools() for label, mask in masks.items()}
 
     # 3. Causal ablation in every transfer.
     ablation_rows = []
     for (up, down), folder in transfers.items() if "ablation" in args.analyses else []:
         ablation_rows += ablate(up, down, folder, masks, keeps, args, data_args, training_args, out)
 
-    # 4. Hidden states: CKA between models, language-ID probes per layer.
-    layers, cka_rows, probe_rows = [], [], []
-    if {"cka", "probes", "phones"} & set(args.analyses):
-        models = ({"base": args.base_model} if args.base_model else {}) | {f"upstream:{k}": v for k, v in upstream_models.items()} | {f"ticket:{k}": v for k, v in tickets.items()}
-        layers, cka_rows, probe_rows = representations(models, tickets, languages, args, data_args, training_args.device)
+    # 4. Hidden states: CKA between models, probes per layer.
+    cka_rows, probe_rows = representations(models, configs, layers, tickets, languages, args, data_args, training_args.device) if hidden else ([], [])
 
     # 5. The record, its tables and figures.
     summary = AnalysisSummary(sparsity, training_args.seed, tickets, list(args.analyses), layers, ablation_rows, cka_rows, probe_rows,
@@ -281,5 +294,4 @@ def main():
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     run_cli(main)

@@ -248,11 +248,11 @@ def analysed(corpus_dir, tmp_path_factory):
     init_from_config(str(TINY_CONFIG), str(base), seed=0)
     data = lambda code: ["--data_dir", str(corpus_dir / code)]  # noqa: E731
     assert run_in_process("run_finetune.py", ["--language", "en", *data("en"), "--output_dir", str(root / "ft-en"), "--model_name_or_path", str(base),
-                                              "--num_train_epochs", "2", *TRAIN]) == 0
+                                              "--num_train_epochs", "1", "--max_train_samples", "96", *TRAIN]) == 0
     for label, source in (("en", root / "ft-en"), ("base", base)):
         assert run_in_process("run_prune.py", ["--model_name_or_path", str(source), "--sparsity", "0.8", "--output_dir", str(root / "tickets" / label / "sparsity-0.80")]) == 0
     assert run_in_process("run_transfer.py", ["--upstream", "en", "--downstream", "ca", "--sparsity", "0.8", "--tickets_dir", str(root / "tickets"), *data("ca"),
-                                              "--output_dir", str(root / "en-ca"), "--freeze_epochs", "1", "--train_epochs", "2", *TRAIN]) == 0
+                                              "--output_dir", str(root / "en-ca"), "--freeze_epochs", "1", "--train_epochs", "1", "--max_train_samples", "48", *TRAIN]) == 0
     args = ["--tickets", f"en={root / 'tickets/en/sparsity-0.80'}", f"base={root / 'tickets/base/sparsity-0.80'}", "--transfers", f"en-ca={root / 'en-ca'}",
             "--upstream_models", f"en={root / 'ft-en'}", "--base_model", str(base), "--data_dir", str(corpus_dir / "{language}"),
             "--analyses", "ablation", "cka", "probes", "phones", "--control_seeds", "2", "--probe_seeds", "1", "--probe_folds", "3",
@@ -294,11 +294,13 @@ def test_bad_analysis_input_is_one_line(analysed, tmp_path, capsys):
     root, args = analysed
     bad = [a.replace(str(root / "analysis"), str(tmp_path / "out")) for a in args]
     layers = bad[: bad.index("--output_dir")] + ["--layers", "7", "--output_dir", str(tmp_path / "layers")]
-    assert run_in_process("run_analysis.py", [a if a != "ablation" else "cka" for a in layers]) == 2
+    assert run_in_process("run_analysis.py", layers) == 2
     assert "error: layer 7 is outside the model: expected 0..2" in capsys.readouterr().err
+    assert not (tmp_path / "layers").exists()  # refused before anything was written
     wrong = [a.replace(f"en-ca={root / 'en-ca'}", f"en-en={root / 'en-ca'}") for a in bad]
     assert run_in_process("run_analysis.py", wrong) == 2
     assert "expected the en ticket given in --tickets fine-tuned on en" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -35,18 +36,23 @@ def iso639_3(code: str) -> str:
         raise UsageError(f"language {code!r} has no ISO 639-3 code: expected a language code such as en or ast") from None
 
 
+@lru_cache(maxsize=1)
+def _database():
+    from urielplus import urielplus
+
+    return urielplus.URIELPlus()
+
+
 def distance_matrix(codes: Sequence[str], kind: str) -> np.ndarray:
     """URIEL+'s ``kind`` distance between every pair of ``codes`` (NaN where the database has no
     shared features for a pair). A language the database lacks is one line naming it."""
-    from urielplus import urielplus
-
     if kind not in DISTANCES:
         raise UsageError(f"unknown distance {kind!r}: expected one of {', '.join(DISTANCES)}")
     iso = [iso639_3(code) for code in codes]
     previous = logging.root.manager.disable
     logging.disable(logging.INFO)  # URIEL+ logs every query's timing on the root logger
     try:
-        database = urielplus.URIELPlus()
+        database = _database()
         known = set(database.langs[0])
         for code, three in zip(codes, iso):
             if three not in known:
