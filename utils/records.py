@@ -22,8 +22,10 @@ R = TypeVar("R", bound="_Record")
 class _Record:
     """JSON round trip of a dataclass record, every field checked on reading."""
 
+    COMPACT = False  # one line instead of indented JSON (records of long number lists)
+
     def write(self, path: Union[str, os.PathLike]) -> None:
-        write_json_atomic(path, asdict(self))
+        write_json_atomic(path, asdict(self), self.COMPACT)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,8 +136,9 @@ class AnalysisSummary(_Record):
     """What run_analysis.py measured on the tickets of one sparsity (and study seed). Ablation rows
     keep each utterance's edit counts (``edits``, ``lengths``: the report's intervals pair them by
     utterance); CKA rows one value per (language, model pair, layer); probe rows the accuracy of each
-    (seed, fold) and of its shuffled-label control."""
+    (seed, fold) and of its shuffled-label control. Written on one line: the edit counts are long."""
 
+    COMPACT = True
     sparsity: float
     seed: int
     tickets: dict[str, str]

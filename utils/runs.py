@@ -88,10 +88,11 @@ def _remove_dead_writers_temps(folder: Path, prefix: str) -> None:
             old.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON atomically (see ``atomic_open``)."""
+def write_json_atomic(path: str | os.PathLike, payload: Any, compact: bool = False) -> None:
+    """Write JSON atomically (see ``atomic_open``): indented, or on one line (``compact``: records
+    holding long lists of numbers, which indentation would put one per line)."""
     with atomic_open(path) as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False, sort_keys=True)
+        json.dump(payload, f, ensure_ascii=False, sort_keys=True, **({"separators": (",", ":")} if compact else {"indent": 2}))
         f.write("\n")
 
 
