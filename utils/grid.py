@@ -726,7 +726,8 @@ def collect(config: StudyConfig, steps: list[Step], prefix: str = "") -> StudyRe
     """What the finished steps of one study (``prefix``: its base's, see ``sub_studies``) wrote:
     transfer results and upstream fine-tunes (each with its per-utterance test rows, checked
     against the result), IoU summaries per sparsity (matrices averaged over seeds), the
-    seed-to-seed IoU summaries per sparsity, and the results still missing, with why."""
+    seed-to-seed IoU summaries per sparsity, the analyses of each seed's tickets per sparsity, and
+    the results still missing, with why."""
     from .metrics import predictions_path, read_predictions
 
     planned, steps = steps, [st for st in steps if st.id.startswith(prefix) and (prefix or not st.id.startswith("base-"))]
