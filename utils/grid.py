@@ -676,12 +676,12 @@ def step_status(config: StudyConfig, steps: list[Step], scheduler: Optional[dict
 
 
 def missing_results(config: StudyConfig, steps: list[Step]) -> list[tuple[str, str]]:
-    """The steps whose results a report shows (transfers, fine-tunes, IoU) that have not finished,
+    """The steps whose results a report shows (transfers, fine-tunes, IoU, analyses) that have not finished,
     each with why: failed (exit code, log), not run because a step it needs failed, interrupted,
     or not run yet."""
     missing = []
     for row, step in zip(step_status(config, steps), steps):
-        if step.kind not in ("transfer", "finetune", "iou") or row["state"] in ("done", "stale"):
+        if step.kind not in ("transfer", "finetune", "iou", "analysis") or row["state"] in ("done", "stale"):
             continue
         log = os.path.relpath(row["log"], config.output_dir) if row["log"] else ""
         why = {"failed": f"failed (exit {row['returncode']}; log {log})", "blocked": f"not run: it depends on {row.get('blocked_by')}, which failed",
