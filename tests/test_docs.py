@@ -21,7 +21,7 @@ from tests.doc_checks import (
 )
 
 PAGES = markdown_files()
-RESULTS = ["demo", "demo-seeds", "bias-study", "methods-study"]
+RESULTS = ["demo", "demo-seeds", "bias-study", "methods-study", "analysis-study"]
 
 
 def _id(path: Path) -> str:

@@ -9,7 +9,7 @@ from tests.conftest import ROOT, run_in_process
 
 # (folder under docs/ that is the study's output_dir, the config it was run with)
 PUBLISHED = [("bias-study/study", "configs/bias.yaml"), ("demo-seeds", "configs/demo-seeds.yaml"), ("demo", "configs/demo.yaml"),
-             ("methods-study", "configs/methods.yaml")]
+             ("methods-study", "configs/methods.yaml"), ("analysis-study", "configs/analysis.yaml")]
 
 
 def rendered(folder):
