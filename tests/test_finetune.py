@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST, ROOT, files_containing, make_fleurs_repo, run_script
+from tests.conftest import FAST, ROOT, files_containing, make_fleurs_repo, run_in_process, run_script
 
 @pytest.fixture(scope="module")
 def finetuned(corpus_dir, tmp_path_factory):
@@ -95,23 +95,25 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
 
-def test_bad_input_is_one_line_and_overwrites_nothing(finetuned, corpus_dir, script_env):
+def test_bad_input_is_one_line_and_overwrites_nothing(finetuned, corpus_dir, capsys):
+    """In process: every case is refused before any training."""
     before = _digest(finetuned)
-    result = run_script(["--language", "xx", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned.parent / "x"), *FAST], script_env)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown language 'xx'")
-    result = run_script(["--language", "ca", "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(finetuned), *FAST], script_env)
-    assert result.returncode == 2
-    assert "holds a different run (language: 'en' there, 'ca' now" in result.stderr.strip().splitlines()[-1]
+
+    def refused(args: list[str]) -> str:
+        capsys.readouterr()
+        assert run_in_process("run_finetune.py", args) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert refused(["--language", "xx", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned.parent / "x"), *FAST]).startswith(
+        "error: unknown language 'xx'")
+    last = refused(["--language", "ca", "--data_dir", str(corpus_dir / "ca"), "--output_dir", str(finetuned), *FAST])
+    assert "holds a different run (language: 'en' there, 'ca' now" in last
     for change, message in ((["--learning_rate", "1e-3"], "learning_rate: 0.002 there, 0.001 now"), (["--seed", "2"], "seed: 1 there, 2 now"),
                             (["--num_train_epochs", "7"], "num_train_epochs: 6.0 there, 7.0 now")):
-        result = run_script(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned), "--num_train_epochs", "6",
-                             "--logging_steps", "10", *FAST, *change], script_env)
-        assert result.returncode == 2
-        assert f"holds a different run ({message})" in result.stderr.strip().splitlines()[-1], result.stderr.strip().splitlines()[-1]
-    result = run_script(["--language", "en", "--data_dir", str(corpus_dir), "--output_dir", str(finetuned.parent / "y"), *FAST], script_env)
-    assert result.returncode == 2
-    assert "train/metadata.csv" in result.stderr.strip().splitlines()[-1]
+        last = refused(["--language", "en", "--data_dir", str(corpus_dir / "en"), "--output_dir", str(finetuned), "--num_train_epochs", "6",
+                        "--logging_steps", "10", *FAST, *change])
+        assert f"holds a different run ({message})" in last, last
+    assert "train/metadata.csv" in refused(["--language", "en", "--data_dir", str(corpus_dir), "--output_dir", str(finetuned.parent / "y"), *FAST])
     assert _digest(finetuned) == before
 
 

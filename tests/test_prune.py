@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from tests.conftest import ROOT, TINY_CONFIG, files_containing
+from tests.conftest import ROOT, TINY_CONFIG, files_containing, run_in_process
 from tests.hub_server import TOKEN, HubServer
 from utils.errors import UsageError
 from utils.masks import Mask, parse_reference
@@ -83,7 +83,7 @@ def test_base_model_control_and_rerun(tmp_path):
     assert hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest() == digest
 
 
-def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path):
+def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path, capsys):
     out = tmp_path / "ticket"
     assert run_prune(["--model_name_or_path", str(source), "--sparsity", "0.8", "--output_dir", str(out)]).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -96,11 +96,11 @@ def test_bad_input_is_one_line_and_keeps_existing_tickets(source, tmp_path):
         (["--hub_mask_repo_id", "me/../masks", "--language", "en"], "--hub_mask_repo_id 'me/../masks' is not a valid repo id"),
         (["--push_to_hub", "--hub_model_id", "me/ticket/x"], "--hub_model_id 'me/ticket/x' is not a valid repo id"),
     ]
-    for extra, message in cases:
-        result = run_prune(["--model_name_or_path", str(source), "--output_dir", str(out), *extra])
-        assert result.returncode == 2, result.stderr[-2000:]
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and message in last, last
+    capsys.readouterr()
+    for extra, message in cases:  # in process: each is refused before any pruning
+        code = run_in_process("run_prune.py", ["--model_name_or_path", str(source), "--output_dir", str(out), *extra])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and message in last, last
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

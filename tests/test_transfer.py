@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY_CONFIG, files_containing
+from tests.conftest import ROOT, TINY_CONFIG, files_containing, run_in_process
 from utils.masks import Mask
 from utils.metrics import read_predictions
 
@@ -115,7 +115,7 @@ def test_dense_transfer_control_lets_pruned_weights_regrow(tickets, corpus_dir, 
     assert results["measured_sparsity"] < 0.1  # the pruned weights trained back to non-zero values
 
 
-def test_prunes_on_the_spot_and_refuses_bad_input(tickets, corpus_dir, tmp_path):
+def test_prunes_on_the_spot_and_refuses_bad_input(tickets, corpus_dir, tmp_path, capsys):
     base = ["--downstream", "ca", "--data_dir", str(corpus_dir / "ca"), "--train_epochs", "1", "--freeze_epochs", "0", *TRAIN]
     out = tmp_path / "spot"
     result = run("run_transfer.py", ["--upstream", "en", "--sparsity", "0.9", "--tickets_dir", str(tmp_path / "tk"),
@@ -133,12 +133,13 @@ def test_prunes_on_the_spot_and_refuses_bad_input(tickets, corpus_dir, tmp_path)
          "does not match --model_name_or_path"),
         (["--upstream", "en", "--sparsity", "1.2"], "outside (0, 1)"),
     ]
-    for i, (extra, message) in enumerate(cases):
-        result = run("run_transfer.py", [*extra, "--output_dir", str(tmp_path / f"bad{i}"), *base])
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert message in result.stderr.strip().splitlines()[-1], result.stderr.strip().splitlines()[-1]
-    result = run("run_transfer.py", ["--upstream", "en", "--sparsity", "0.8", "--tickets_dir", str(tickets / "tickets"), "--output_dir", str(out), *base])
-    assert result.returncode == 2 and "holds a different run" in result.stderr.strip().splitlines()[-1]
+    capsys.readouterr()
+    for i, (extra, message) in enumerate(cases):  # in process: each is refused before any training
+        code = run_in_process("run_transfer.py", [*extra, "--output_dir", str(tmp_path / f"bad{i}"), *base])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and message in last, (extra, last)
+    code = run_in_process("run_transfer.py", ["--upstream", "en", "--sparsity", "0.8", "--tickets_dir", str(tickets / "tickets"), "--output_dir", str(out), *base])
+    assert code == 2 and "holds a different run" in capsys.readouterr().err.strip().splitlines()[-1]
     assert (out / "results.json").read_bytes() == before
 
 
