@@ -185,13 +185,13 @@ def representations(models: dict[str, str], configs: dict, layers: list[int], ti
         for label, path in models.items():
             model = AutoModel.from_pretrained(path).to(device)
             states[label] = layer_states(model, extractor, test, layers, args.frames_per_utterance)
+            if states[label].lengths != states[first].lengths:  # CKA and the phone probe compare frame by frame
+                raise UsageError(f"{label} and {first} gave different frame counts on the {code} test set: expected models of one architecture")
             pooled[label][code] = states[label].pooled
             del model
         if timings:
             probe_rows += phone_probes(states, timings, list(test["id"]), hop, code, layers, args)
         for kind, a, b in pairs if "cka" in args.analyses else []:
-            if states[a].lengths != states[b].lengths:
-                raise UsageError(f"{a} and {b} gave different frame counts on the {code} test set: expected models of one architecture")
             cka_rows += [{"language": code, "kind": kind, "a": a, "b": b, "layer": layer, "cka": linear_cka(states[a].frames[layer], states[b].frames[layer])}
                          for layer in layers]
         logger.info("%s: hidden states of %d models on %d utterances", code, len(models), len(test))
@@ -199,10 +199,15 @@ def representations(models: dict[str, str], configs: dict, layers: list[int], ti
         labels = np.concatenate([[code] * len(pooled[label][code][layers[0]]) for code in languages])
         for layer in layers:
             features = np.concatenate([pooled[label][code][layer] for code in languages])
-            probe_rows.append({"task": "language", "language": None, "model": label, "layer": layer, "chance": chance(labels),
-                               "accuracies": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds).tolist(),
-                               "control": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds, shuffled=True).tolist()})
+            probe_rows.append(probe_row("language", None, label, layer, features, labels, args))
     return cka_rows, probe_rows
+
+
+def probe_row(task: str, language, model: str, layer: int, features: np.ndarray, labels: np.ndarray, args, groups=None) -> dict:
+    """One probe's accuracies per (seed, fold), beside its shuffled-label control's."""
+    return {"task": task, "language": language, "model": model, "layer": layer, "chance": chance(labels),
+            "accuracies": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds, groups=groups).tolist(),
+            "control": probe_accuracies(features, labels, args.probe_seeds, args.probe_folds, shuffled=True, groups=groups).tolist()}
 
 
 def phone_probes(states: dict, timings: dict[str, list], ids: list[str], hop: float, code: str, layers: list[int], args) -> list[dict]:
@@ -215,16 +220,8 @@ def phone_probes(states: dict, timings: dict[str, list], ids: list[str], hop: fl
     groups = np.concatenate([[u] * len(pos) for u, pos in enumerate(any_states.positions)])
     keep = (labels != "") & np.array([not str(x).startswith(PAUSE) for x in labels])
     keep &= common_labels(labels, 2 * args.probe_folds)
-    rows = []
-    for label, found in states.items():
-        if found.lengths != any_states.lengths:
-            raise UsageError(f"{label} gave other frame counts on the {code} test set than the other models: expected models of one architecture")
-        for layer in layers:
-            features, target, group = found.frames[layer][keep], labels[keep].astype(str), groups[keep]
-            rows.append({"task": "phones", "language": code, "model": label, "layer": layer, "chance": chance(target),
-                         "accuracies": probe_accuracies(features, target, args.probe_seeds, args.probe_folds, groups=group).tolist(),
-                         "control": probe_accuracies(features, target, args.probe_seeds, args.probe_folds, shuffled=True, groups=group).tolist()})
-    return rows
+    return [probe_row("phones", code, label, layer, found.frames[layer][keep], labels[keep].astype(str), args, groups[keep])
+            for label, found in states.items() for layer in layers]
 
 
 def main():
